@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Nightly incremental backup time: squashfu against plain rsync into a directory.
+
+Same source, same nightly change (1% of the files rewritten), both run each
+round in alternating order; prints per-round times, medians and the ratio.
+Run as root: `make bench` or `.venv/bin/python bench/bench_backup.py --files 100000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+SQUASHFU = [sys.executable, "-m", "squashfu_fs.cli"]
+
+
+def make_source(src: Path, files: int, rng: random.Random) -> list[Path]:
+    """``files`` small files (0.5–8 KiB) in directories of 100, like a home directory."""
+    paths = []
+    for i in range(files):
+        d = src / f"dir{i // 100:04d}"
+        if i % 100 == 0:
+            d.mkdir(parents=True)
+        p = d / f"file{i:06d}.dat"
+        p.write_bytes(rng.randbytes(rng.randint(512, 8192)))
+        paths.append(p)
+    return paths
+
+
+def change(paths: list[Path], fraction: float, rng: random.Random, night: int) -> None:
+    """Rewrite ``fraction`` of the files with new content and a new size."""
+    for p in rng.sample(paths, int(len(paths) * fraction)):
+        p.write_bytes(rng.randbytes(rng.randint(512, 8192)) + b"night %d" % night)
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--changed", type=float, default=0.01)
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp/squashfu-bench-backup"))
+    ap.add_argument("--full", action="store_true",
+                    help="run `backup --full` (rsync compares the whole union) instead of using the manifest")
+    args = ap.parse_args()
+    rng = random.Random(42)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    src, root, plain = args.dir / "src", args.dir / "root", args.dir / "plain"
+    t0 = time.perf_counter()
+    paths = make_source(src, args.files, rng)
+    print(f"source: {args.files} files, {sum(p.stat().st_size for p in paths) / 2**20:.0f} MiB, "
+          f"made in {time.perf_counter() - t0:.1f} s")
+    subprocess.run([*SQUASHFU, "init", str(root), "--source", str(src)], check=True, stdout=subprocess.DEVNULL)
+    night = datetime(2026, 11, 2, 2, 0)
+    env = {**os.environ, "SQUASHFU_NOW": night.isoformat()}
+    seed_time = timed([*SQUASHFU, "-r", str(root), "backup"], env)
+    full_rsync = timed(["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"])
+    print(f"first backup (seed): squashfu {seed_time:.2f} s, rsync into a directory {full_rsync:.2f} s")
+    ours, theirs = [], []
+    for n in range(1, args.rounds + 1):
+        change(paths, args.changed, rng, n)
+        night += timedelta(days=1)
+        env = {**os.environ, "SQUASHFU_NOW": night.isoformat()}
+        subprocess.run(["sync"], check=True)
+        full = ["--full"] if args.full else []
+        runs = [("squashfu", [*SQUASHFU, "-r", str(root), "backup", *full], env),
+                ("rsync", ["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"], None)]
+        if n % 2 == 0:
+            runs.reverse()  # alternate who reads the freshly changed source first
+        times = {}
+        for name, argv, e in runs:
+            times[name] = timed(argv, e)
+        ours.append(times["squashfu"])
+        theirs.append(times["rsync"])
+        print(f"night {n}: squashfu {times['squashfu']:.3f} s, rsync {times['rsync']:.3f} s, "
+              f"ratio {times['squashfu'] / times['rsync']:.2f}")
+    mo, mt = statistics.median(ours), statistics.median(theirs)
+    mode = "backup --full" if args.full else "backup (manifest)"
+    print(f"{mode}, median of {args.rounds}: squashfu {mo:.3f} s, plain rsync {mt:.3f} s, "
+          f"ratio {mo / mt:.2f} (goal <= 1.3)")
+    listing = subprocess.run([*SQUASHFU, "-r", str(root), "list"], check=True, capture_output=True, text=True)
+    print(listing.stdout.splitlines()[-1])
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The command line (DESIGN §6): thin click commands over the real modules.
+
+Shared options are defined once; every :class:`SquashfuError` becomes one line
+on stderr and its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .errors import SquashfuError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _root_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    return None if value is None else Path(os.path.abspath(value))
+
+
+def needs_root(func: F) -> F:
+    """Commands that act on a backup root fail with a usage error when -r is missing."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        root = ctx.find_root().params.get("root")
+        if root is None:
+            raise click.UsageError("no backup root: give -r/--root ROOT or set SQUASHFU_ROOT")
+        return ctx.invoke(func, root, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (systemd's stop, a timer's timeout) unwinds like Ctrl-C: every mount is taken down."""
+    raise SystemExit(128 + signum)
+
+
+class SquashfuGroup(click.Group):
+    """Turns SquashfuError into one line and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return super().invoke(ctx)
+        except SquashfuError as exc:
+            click.echo(f"squashfu: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("squashfu: interrupted", err=True)
+            sys.exit(130)
+
+
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Show a progress bar (default: only when stderr is a terminal).")
+verbose_option = click.option("-v", "--verbose", is_flag=True, help="Say what is being done.")
+
+
+@click.group(cls=SquashfuGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-r", "--root", envvar="SQUASHFU_ROOT", callback=_root_callback,
+              metavar="ROOT", help="The backup root (or SQUASHFU_ROOT).")
+@click.version_option(__version__, prog_name="squashfu")
+def main(root: Path | None) -> None:
+    """Incremental, compressed backups you can walk into day by day."""
+
+
+@main.command()
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--source", required=True, type=click.Path(path_type=Path),
+              help="The directory to back up.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="An rsync exclude pattern; may be repeated.")
+@click.option("--compression", type=click.Choice(["zstd", "xz", "gzip", "lz4", "lzo"]),
+              default="zstd", show_default=True)
+@click.option("--max-bins", type=click.IntRange(min=1), default=14, show_default=True,
+              help="Resquash when more bins than this exist.")
+@click.option("--min-bins", type=click.IntRange(min=0), default=7, show_default=True,
+              help="Bins left after a resquash.")
+def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
+         max_bins: int, min_bins: int) -> None:
+    """Create a backup root for SOURCE at ROOT."""
+    from .backup import init_root
+    from .config import Config
+    from .errors import ConfigError
+
+    try:
+        config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,
+                        max_bins=max_bins, min_bins=min_bins)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    init_root(Path(os.path.abspath(root)), config)
+    click.echo(f"initialised {root} for {config.source}")
+
+
+@main.command()
+@needs_root
+@click.option("--dry-run", "-n", is_flag=True, help="Show what would change; commit nothing.")
+@click.option("--full", is_flag=True,
+              help="Let rsync compare the whole tree instead of trusting the change manifest.")
+@progress_option
+@verbose_option
+def backup(root: Path, dry_run: bool, full: bool, progress: bool | None, verbose: bool) -> None:
+    """Back up the source: the first run makes the seed, later runs add a bin."""
+    from .backup import run_backup
+
+    run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full)
+
+
+@main.command("list")
+@needs_root
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(root: Path, as_json: bool) -> None:
+    """The seed and every bin, with sizes and totals."""
+    from .report import list_report
+
+    click.echo(list_report(root, as_json=as_json), nl=False)
+
+
+@main.command()
+@needs_root
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached and log to stderr (for systemd).")
+@click.option("--allow-other", is_flag=True, help="Let other users browse (needs user_allow_other for non-root).")
+@click.option("-o", "options", multiple=True, metavar="OPT", help="Extra FUSE mount option; may be repeated.")
+@click.option("--log", "log_file", type=click.Path(path_type=Path),
+              help="Log to this file instead of syslog when daemonised.")
+@verbose_option
+def mount(root: Path, mountpoint: Path, foreground: bool, allow_other: bool,
+          options: tuple[str, ...], log_file: Path | None, verbose: bool) -> None:
+    """Serve every day of the history, read-only, at MOUNTPOINT."""
+    from .mountd import mount_history
+
+    mount_history(root, Path(os.path.abspath(mountpoint)), foreground=foreground,
+                  allow_other=allow_other, options=options, log_file=log_file, verbose=verbose)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount(mountpoint: Path) -> None:
+    """Take down a `mount` or `rollback` at MOUNTPOINT (also one whose daemon died)."""
+    from .mounts import find_mount
+
+    target = Path(os.path.abspath(mountpoint))
+    entry = find_mount(target)
+    if entry is None:
+        raise SquashfuError(f"{mountpoint} is not mounted")
+    if entry.fstype.startswith("fuse"):
+        from .mountd import unmount_history
+
+        unmount_history(target)
+    else:
+        from .rollback import unmount_rollback
+
+        unmount_rollback(target)
+
+
+@main.command()
+@needs_root
+@click.argument("view")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def rollback(root: Path, view: str, mountpoint: Path) -> None:
+    """Mount the state of VIEW read-only at MOUNTPOINT with the kernel's overlayfs."""
+    from .rollback import mount_rollback
+
+    spec = mount_rollback(root, view, Path(os.path.abspath(mountpoint)))
+    click.echo(f"{spec.name} mounted read-only on {mountpoint}; `squashfu umount {mountpoint}` when done")
+
+
+@main.command()
+@needs_root
+@click.argument("view")
+@click.argument("path", required=False)
+@click.option("--to", "target", required=True, type=click.Path(path_type=Path),
+              help="Where to copy to.")
+@click.option("--delete", is_flag=True, help="Delete files in TARGET that the backup does not have.")
+@progress_option
+def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
+            progress: bool | None) -> None:
+    """Copy VIEW (or PATH in it) to TARGET with all metadata."""
+    from .rollback import restore as do_restore
+
+    do_restore(root, view, path, Path(os.path.abspath(target)), delete=delete,
+               progress=_want_progress(progress))
+
+
+@main.command()
+@needs_root
+@click.argument("view_a")
+@click.argument("view_b")
+def diff(root: Path, view_a: str, view_b: str) -> None:
+    """What changed between two days."""
+    from .rollback import diff_views
+
+    diff_views(root, view_a, view_b)
+
+
+@main.command()
+@needs_root
+@progress_option
+@verbose_option
+def resquash(root: Path, progress: bool | None, verbose: bool) -> None:
+    """Merge the oldest bins into a new seed now, leaving min_bins bins."""
+    from .resquash import resquash_now
+
+    resquash_now(root, progress=_want_progress(progress), verbose=verbose)
+
+
+def _want_progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+if __name__ == "__main__":
+    main()

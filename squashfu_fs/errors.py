@@ -1,0 +1,61 @@
+"""One exception hierarchy; each class carries the exit status of DESIGN §6.
+
+The CLI prints ``str(exc)`` as a single line and exits with ``exc.exit_code``;
+nothing below the CLI calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+
+class SquashfuError(Exception):
+    """A failure the user should read about: nothing was committed."""
+
+    exit_code = 1
+
+
+class UsageError(SquashfuError):
+    """The command line, the config or a named view is wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """``squashfu.toml`` is missing, unreadable or invalid."""
+
+
+class UnknownViewError(UsageError):
+    """A VIEW name that the history does not have."""
+
+
+class LockedError(SquashfuError):
+    """Another writer holds ``.lock``."""
+
+
+class MissingToolError(SquashfuError):
+    """A required program is not installed; the message names its package."""
+
+
+class ExternalCommandError(SquashfuError):
+    """A subprocess (mount, rsync, mksquashfs...) failed."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class CorruptRootError(SquashfuError):
+    """The backup root is inconsistent in a way recovery must not guess about."""
+
+
+class InUseError(SquashfuError):
+    """A roll-back mount uses layers an operation would delete."""
+
+
+class PartialError(SquashfuError):
+    """The command completed, but some files could not be read or written."""
+
+    exit_code = 3
+
+
+class PartialBackupError(PartialError):
+    """The backup was committed, but some source files could not be read."""

@@ -1,0 +1,22 @@
+"""Fault injection for the crash-safety tests (DESIGN §5).
+
+``SQUASHFU_FAULT=NAME`` makes the process SIGKILL its whole process group
+when it reaches checkpoint NAME, exactly like a power cut or kill -9 at that
+step. Unset (always, outside the tests) a checkpoint costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV_VAR = "SQUASHFU_FAULT"
+
+
+def checkpoint(name: str) -> None:
+    """Die here, with everything this process started, if the tests asked for it."""
+    if os.environ.get(ENV_VAR) != name:
+        return
+    time.sleep(float(os.environ.get("SQUASHFU_FAULT_DELAY", "0")))
+    os.killpg(os.getpgrp(), signal.SIGKILL)

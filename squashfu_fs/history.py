@@ -1,0 +1,182 @@
+"""``history.json``: the single source of truth of what has been committed.
+
+A bin that is not listed here does not exist for readers, and recovery may
+delete it. The file is replaced atomically (temp, fsync, rename, fsync dir),
+so a reader or a crash only ever sees the old or the new history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptRootError
+
+FORMAT_VERSION = 1
+BIN_FORMAT = "overlay"
+
+
+@dataclass(frozen=True)
+class Seed:
+    """The compressed base image and the backups it absorbed."""
+
+    file: str
+    generation: int
+    time: str  # backup time of the newest state it holds (local ISO 8601)
+    created: str  # when the image was written
+    absorbed: tuple[int, ...] = ()  # bin numbers merged into it, oldest first
+    duration: float = 0.0
+    bytes: int = 0  # image size on disk
+    files: int = 0
+    rsync_status: int | None = 0
+    escaped_xattrs: bool = False  # holds a source's own trusted.overlay.* xattrs
+
+    @property
+    def when(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+
+@dataclass(frozen=True)
+class Bin:
+    """One committed incremental: an overlayfs upper layer under ``bins/N``."""
+
+    number: int
+    time: str
+    duration: float
+    bytes: int
+    files: int
+    rsync_status: int
+    format: str = BIN_FORMAT
+    escaped_xattrs: bool = False  # holds a source's own trusted.overlay.* xattrs
+    compare: str = "full"  # "manifest": only paths whose (inode, ctime, size) moved were given to rsync
+
+    @property
+    def when(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+
+@dataclass(frozen=True)
+class History:
+    """Seed plus committed bins, oldest bin first; immutable, replaced whole."""
+
+    seed: Seed | None = None
+    bins: tuple[Bin, ...] = ()
+    generation: int = 0  # bumped on every commit; readers key caches on it
+    next_bin: int = 1  # bin numbers only grow, never reused
+    format: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.seed is None
+
+    def bin(self, number: int) -> Bin:
+        for b in self.bins:
+            if b.number == number:
+                return b
+        raise KeyError(number)
+
+    def with_bin(self, new: Bin) -> History:
+        """The history after committing ``new`` on top."""
+        return replace(
+            self,
+            bins=(*self.bins, new),
+            generation=self.generation + 1,
+            next_bin=max(self.next_bin, new.number + 1),
+        )
+
+    def with_seed(self, seed: Seed, remaining: tuple[Bin, ...] | None = None) -> History:
+        """The history after committing a (new) seed, keeping ``remaining`` bins."""
+        return replace(
+            self,
+            seed=seed,
+            bins=self.bins if remaining is None else remaining,
+            generation=self.generation + 1,
+        )
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "format": self.format,
+            "generation": self.generation,
+            "next_bin": self.next_bin,
+            "seed": None if self.seed is None else _seed_dict(self.seed),
+            "bins": [asdict(b) for b in self.bins],
+        }
+        data.update(self.extra)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "history.json") -> History:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT_VERSION:
+                raise CorruptRootError(f"{where}: unsupported format {data.get('format')!r}")
+            seed_data = data["seed"]
+            seed = None
+            if seed_data is not None:
+                seed = Seed(**{**seed_data, "absorbed": tuple(seed_data.get("absorbed", ()))})
+            bins = tuple(Bin(**b) for b in data["bins"])
+            known = {"format", "generation", "next_bin", "seed", "bins"}
+            return cls(
+                seed=seed,
+                bins=bins,
+                generation=int(data["generation"]),
+                next_bin=int(data["next_bin"]),
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except CorruptRootError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptRootError(
+                f"{where} is damaged ({exc.__class__.__name__}: {exc}); refusing to touch the root") from None
+
+
+def _seed_dict(seed: Seed) -> dict[str, Any]:
+    data = asdict(seed)
+    data["absorbed"] = list(seed.absorbed)
+    return data
+
+
+def load(path: Path) -> History:
+    """Read the history; a missing file is an error (``init`` always writes one)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CorruptRootError(f"{path} is missing; refusing to touch the root") from None
+    return History.from_json(text, where=str(path))
+
+
+def save(path: Path, history: History) -> None:
+    """Replace the history atomically and durably."""
+    atomic_write(path, history.to_json().encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less (file size limit, nearly full disk): never rename a stub
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

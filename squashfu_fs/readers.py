@@ -1,0 +1,67 @@
+"""The time-travel daemons reading a backup root, and which history each has seen.
+
+A resquash deletes the absorbed bins right after it commits. A daemon that
+has not yet noticed the new history could still resolve names through them
+and answer wrongly, then let the kernel cache that answer. So each daemon
+records the root it serves and the history generation it has loaded, and a
+resquash waits (briefly, never for a dead or hung daemon) until every live
+reader of its root has caught up before it deletes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .history import atomic_write
+from .system import process_start_time
+
+SEEN = "seen.json"
+
+
+def state_root() -> Path:
+    """Where daemons keep their pid files, private seed mounts and what they have seen."""
+    if os.geteuid() == 0:
+        return Path("/run/squashfu")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "squashfu" if runtime else Path(f"/tmp/squashfu-{os.getuid()}")
+
+
+def acknowledge(state: Path, root: Path, generation: int) -> None:
+    """A daemon says it now serves ``root`` at history ``generation``."""
+    pid = os.getpid()
+    record = {"root": os.fspath(root), "generation": generation, "pid": pid, "start": process_start_time(pid)}
+    atomic_write(state / SEEN, json.dumps(record).encode())
+
+
+def lagging(root: Path, generation: int) -> list[int]:
+    """PIDs of live daemons serving ``root`` that have not loaded ``generation`` yet."""
+    out = []
+    for seen in _state_dirs():
+        try:
+            record = json.loads((seen / SEEN).read_text())
+            if record["root"] != os.fspath(root) or record["generation"] >= generation:
+                continue
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if process_start_time(pid) == record.get("start"):
+            out.append(pid)
+    return out
+
+
+def wait_for(root: Path, generation: int, timeout: float = 3.0) -> list[int]:
+    """Wait until every live reader of ``root`` has seen ``generation``; returns those that did not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        late = lagging(root, generation)
+        if not late or time.monotonic() >= deadline:
+            return late
+        time.sleep(0.05)
+
+
+def _state_dirs() -> list[Path]:
+    homes = [Path("/run/squashfu"), *Path("/run/user").glob("*/squashfu")]
+    return [d for home in homes if home.is_dir() for d in home.iterdir() if d.is_dir()]

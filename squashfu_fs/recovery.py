@@ -1,0 +1,86 @@
+"""Crash recovery (DESIGN §5.2–5.3): remove the debris an interrupted command left.
+
+Every writer calls :func:`recover` right after taking the lock. It trusts only
+``history.json``: mounts on ``ro/`` and ``rw/`` are taken down, and bins,
+images and staging areas that history does not name are deleted. If history
+names something that is missing, it stops instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import mounts
+from .errors import CorruptRootError
+from .history import History
+from .layout import RootLayout
+
+log = logging.getLogger(__name__)
+
+
+def recover(layout: RootLayout, history: History) -> list[str]:
+    """Bring the root back to exactly its committed state; returns what was removed."""
+    _check_committed(layout, history)
+    removed: list[str] = []
+    for point in (layout.rw, layout.merged, layout.ro):
+        for mounted in mounts.mounts_below(point):
+            mounts.unmount(os.fsdecode(mounted))
+            removed.append(f"stale mount {os.fsdecode(mounted)}")
+    committed = {str(b.number) for b in history.bins}
+    if layout.bins.is_dir():
+        for entry in os.scandir(layout.bins):
+            if entry.name not in committed:
+                remove(Path(entry.path))
+                removed.append(f"uncommitted bin {entry.name}")
+    seed_file = history.seed.file if history.seed else None
+    for entry in os.scandir(layout.root):
+        name = entry.name
+        stale_image = RootLayout.is_seed_name(name.removesuffix(".tmp")) and name != seed_file
+        if stale_image or name in (layout.history.name + ".tmp", layout.manifest.name + ".tmp"):
+            remove(Path(entry.path))
+            removed.append(f"stale file {name}")
+    for scratch in (layout.work, layout.staging):
+        if scratch.exists() and any(scratch.iterdir()):
+            remove(scratch)
+            removed.append(f"scratch {scratch.name}")
+    removed += _stale_rollbacks(layout)
+    for path in layout.skeleton():
+        path.mkdir(exist_ok=True)
+    for line in removed:
+        log.info("recovered: %s", line)
+    return removed
+
+
+def _check_committed(layout: RootLayout, history: History) -> None:
+    if history.seed is not None and not layout.seed(history.seed.file).is_file():
+        raise CorruptRootError(f"history names {history.seed.file} but it is missing; refusing to touch the root")
+    for b in history.bins:
+        if not layout.bin(b.number).is_dir():
+            raise CorruptRootError(f"history names bin {b.number} but bins/{b.number} is missing; "
+                                   "refusing to touch the root")
+
+
+def _stale_rollbacks(layout: RootLayout) -> list[str]:
+    from .rollback import drop_record, records  # rollback imports recovery
+
+    removed = []
+    for record in records(layout):
+        if not record.is_live():
+            drop_record(record)
+            removed.append(f"stale roll-back record {record.ident}")
+    if layout.rollbacks.is_dir():
+        for entry in layout.rollbacks.iterdir():
+            if entry.name.startswith("view-") and not mounts.is_mounted(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+    return removed
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a whole tree (bins hold whiteout devices, which rmtree handles)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,77 @@
+"""``squashfu list``: the seed and every bin, their days, sizes and totals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import history as history_mod
+from .layout import RootLayout
+from .views import WEEKDAYS, ViewTable
+
+
+def rows(root: Path) -> dict[str, Any]:
+    """The report as data: one row per layer, oldest first, and the totals."""
+    layout = RootLayout(root)
+    history = history_mod.load(layout.history)
+    table = ViewTable.from_history(history)
+    shown = {spec.top: name for name, spec in table.dated.items()}
+    layers: list[dict[str, Any]] = []
+    if history.seed is not None:
+        seed = history.seed
+        layers.append({
+            "layer": "seed", "file": seed.file, "time": seed.time, "weekday": WEEKDAYS[seed.when.weekday()],
+            "view": shown.get(None), "bytes": _size(layout.seed(seed.file)), "files": seed.files,
+            "absorbed": list(seed.absorbed), "created": seed.created,
+        })
+    for b in history.bins:
+        layers.append({
+            "layer": b.number, "time": b.time, "weekday": WEEKDAYS[b.when.weekday()],
+            "view": shown.get(b.number), "bytes": b.bytes, "files": b.files,
+            "duration": b.duration, "rsync_status": b.rsync_status,
+        })
+    seed_bytes = layers[0]["bytes"] if history.seed is not None else 0
+    bins_bytes = sum(b.bytes for b in history.bins)
+    return {
+        "root": str(root), "generation": history.generation, "layers": layers,
+        "totals": {"seed": seed_bytes, "incrementals": bins_bytes, "all": seed_bytes + bins_bytes,
+                   "bins": len(history.bins)},
+    }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def list_report(root: Path, *, as_json: bool = False) -> str:
+    """Render the report for a terminal, or as JSON."""
+    data = rows(root)
+    if as_json:
+        return json.dumps(data, indent=2) + "\n"
+    if not data["layers"]:
+        return f"{root}: no backup yet\n"
+    lines = [f"{'layer':>6}  {'date':10}  {'day':3}  {'time':8}  {'view':10}  {'files':>8}  {'size':>10}"]
+    for row in data["layers"]:
+        when = row["time"]
+        lines.append(
+            f"{row['layer']!s:>6}  {when[:10]:10}  {row['weekday']:3}  {when[11:19]:8}  "
+            f"{row['view'] or '-':10}  {row['files']:>8}  {human(row['bytes']):>10}"
+        )
+    totals = data["totals"]
+    lines.append(f"total: seed {human(totals['seed'])}, incrementals {human(totals['incrementals'])} "
+                 f"in {totals['bins']} bin(s), all {human(totals['all'])}")
+    return "\n".join(lines) + "\n"
+
+
+def human(n: float) -> str:
+    """A size for people: 1023 B, 1.5 KiB, 12.3 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+

@@ -1,0 +1,120 @@
+"""Retention (DESIGN §5.3, §6): merge the oldest bins into a new seed image.
+
+The new image is written beside the old one and committed in history first;
+only then are the absorbed bins and the old image deleted. A crash at any
+point leaves either the old history (the new image is debris) or the new one
+(the old bins and image are debris), and recovery removes the debris.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import clock, faults, mounts, readers, recovery, squash
+from . import config as config_mod
+from . import history as history_mod
+from .backup import scan_layer, seed_mounted, stage_tree
+from .config import Config
+from .errors import InUseError, UsageError
+from .history import History, Seed, fsync_dir
+from .layout import RootLayout
+from .lock import writer_lock
+from .rollback import records
+from .system import require, require_root
+
+
+def plan(history: History, keep: int) -> tuple[int, ...]:
+    """The bin numbers a resquash that leaves ``keep`` bins would absorb, oldest first."""
+    surplus = len(history.bins) - max(keep, 0)
+    return tuple(b.number for b in history.bins[:surplus]) if surplus > 0 else ()
+
+
+def resquash_now(root: Path, *, progress: bool = False, verbose: bool = False) -> None:
+    """``squashfu resquash``: merge down to ``min_bins`` bins now."""
+    require_root("resquash")
+    require("mksquashfs")
+    layout = RootLayout(root)
+    config = config_mod.load(root)
+    with writer_lock(layout.lock, "resquash"):
+        history = history_mod.load(layout.history)
+        recovery.recover(layout, history)
+        if history.seed is None:
+            raise UsageError("nothing to resquash: the root has no backup yet")
+        if not plan(history, config.min_bins):
+            print(f"squashfu: nothing to resquash: {len(history.bins)} bin(s), min_bins is "
+                  f"{config.min_bins}", file=sys.stderr)
+            return
+        resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)
+
+
+def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
+             progress: bool = False, verbose: bool = False) -> History:
+    """Merge all but the newest ``keep`` bins into a new seed; the caller holds the lock."""
+    absorb = plan(history, keep)
+    if not absorb or history.seed is None:
+        return history
+    old_seed = history.seed
+    _refuse_if_in_use(layout, set(absorb))
+    start = time.monotonic()
+    if verbose:
+        print(f"squashfu: resquashing bins {absorb[0]}..{absorb[-1]} into a new seed", file=sys.stderr)
+    generation = old_seed.generation + 1
+    tmp = layout.temp_seed(generation)
+    absorbed_bins = [history.bin(n) for n in absorb]
+    escaped = old_seed.escaped_xattrs or any(b.escaped_xattrs for b in absorbed_bins)
+    acl_paths = sorted({p for n in absorb for p in scan_layer(layout.bin(n), source=Path(config.source)).acl_paths})
+    lowers = [layout.bin_rel(n) for n in reversed(absorb)] + ["ro"]
+    with seed_mounted(layout, old_seed):
+        mounts.mount_overlay(layout.merged, lowers, cwd=layout.root)
+        try:
+            if escaped:
+                # A read-only union shows escaped xattrs unescaped; re-escape them by
+                # copying through a staging upper layer, as the first seed was made.
+                stage_tree(layout, layout.merged, (), progress=progress, log=None)
+                squash.make_image(layout.staging, tmp, config, progress=progress)
+            else:
+                squash.make_image(layout.merged, tmp, config, progress=progress)
+        finally:
+            mounts.unmount(layout.merged)
+            recovery.remove(layout.staging)
+    name = RootLayout.seed_name(generation)
+    os.replace(tmp, layout.seed(name))
+    fsync_dir(layout.root)
+    faults.checkpoint("seed-written")
+    newest = absorbed_bins[-1]
+    seed = Seed(file=name, generation=generation, time=newest.time,
+                created=clock.now().isoformat(timespec="seconds"),
+                absorbed=old_seed.absorbed + absorb, duration=round(time.monotonic() - start, 3),
+                bytes=layout.seed(name).stat().st_size,
+                files=squash.inode_count(layout.seed(name)) - 1,
+                rsync_status=old_seed.rsync_status, escaped_xattrs=escaped)
+    remaining = tuple(b for b in history.bins if b.number not in absorb)
+    history = history.with_seed(seed, remaining)
+    history_mod.save(layout.history, history)
+    faults.checkpoint("after-resquash-commit")
+    late = readers.wait_for(layout.root, history.generation)  # no mounted view may still use the bins
+    if late and verbose:
+        print(f"squashfu: time-travel daemon(s) {late} did not catch up; deleting the merged bins anyway",
+              file=sys.stderr)
+    if acl_paths:
+        # Those entries now read without their ACLs; make the next backup compare them again.
+        layout.manifest.unlink(missing_ok=True)
+        print(f"squashfu: the new seed cannot store the POSIX ACLs of {len(acl_paths)} entries: the days "
+              "in the history show them without ACLs until the next backup stores them again", file=sys.stderr)
+    for number in absorb:
+        recovery.remove(layout.bin(number))
+    layout.seed(old_seed.file).unlink(missing_ok=True)
+    fsync_dir(layout.bins)
+    fsync_dir(layout.root)
+    return history
+
+
+def _refuse_if_in_use(layout: RootLayout, absorb: set[int]) -> None:
+    for record in records(layout):
+        if record.is_live() and absorb.intersection(record.bins):
+            raise InUseError(
+                f"the roll-back of {record.view} on {record.mountpoint} uses bins this resquash would "
+                f"merge; `squashfu umount {record.mountpoint}` first")

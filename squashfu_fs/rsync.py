@@ -1,0 +1,173 @@
+"""rsync, the copying engine: its options live here and nowhere else.
+
+``-aHAX --numeric-ids --delete --delete-excluded`` keeps hard links, ACLs,
+xattrs and owners, and never ``-u`` (a file whose mtime went backwards is
+still a change). The exit status is classified as DESIGN §6 wants: vanished
+files are a warning, unreadable ones a committed-but-partial backup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import faults
+from .errors import ExternalCommandError
+from .system import require
+
+# What every copy into or out of the history preserves.
+PRESERVE = ("-aHAX", "--numeric-ids", "--sparse")
+# What a backup adds: the union must end up equal to the source.
+MIRROR = ("--delete", "--delete-excluded")
+
+OK = 0
+PARTIAL = 23  # some files could not be read or written: commit, exit 3
+VANISHED = 24  # source files vanished while being copied: a warning only
+ACCEPTABLE = (OK, PARTIAL, VANISHED)
+
+
+@dataclass(frozen=True)
+class RsyncResult:
+    """What one rsync run did, from its exit status and ``--stats``."""
+
+    status: int
+    files_transferred: int
+    bytes_transferred: int
+    created: int
+    deleted: int
+    errors: tuple[str, ...]  # rsync's own complaints, one per line
+
+    @property
+    def partial(self) -> bool:
+        return self.status == PARTIAL
+
+
+def backup_args(source: Path, target: Path, excludes: Sequence[str], *, dry_run: bool = False) -> list[str]:
+    """The rsync command that mirrors ``source`` into the union at ``target``."""
+    args = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_exclude_args(excludes)]
+    if dry_run:
+        args += ["--dry-run", "--itemize-changes", "--out-format=%i %n%L"]
+    return [*args, _dir(source), _dir(target)]
+
+
+def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from: Path) -> list[str]:
+    """The rsync command that copies just the listed paths (NUL-separated) into the union.
+
+    A listed path deleted since the walk is skipped quietly, as a full rsync
+    would never have seen it; the next night's walk records the deletion.
+    """
+    args = [require("rsync"), *PRESERVE, "--stats", f"--files-from={files_from}", "--from0",
+            "--ignore-missing-args", *_exclude_args(excludes)]
+    return [*args, _dir(source), _dir(target)]
+
+
+def copy_args(source: bytes, target: Path, *, delete: bool = False) -> list[str | bytes]:
+    """The rsync command that copies out of the history with all metadata.
+
+    ``source`` is passed verbatim: with a trailing slash rsync copies a
+    directory's contents, without one the directory itself.
+    """
+    args: list[str | bytes] = [require("rsync"), *PRESERVE, "--stats"]
+    if delete:
+        args.append("--delete")
+    return [*args, source, os.fspath(target)]
+
+
+def _exclude_args(excludes: Sequence[str]) -> list[str]:
+    return [f"--exclude={pattern}" for pattern in excludes]
+
+
+def _dir(path: Path) -> str:
+    return os.fspath(path).rstrip("/") + "/"
+
+
+def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool = False,
+        echo_items: bool = False, label: str = "rsync") -> RsyncResult:
+    """Run rsync, feed a progress bar from ``--info=progress2``, parse its stats.
+
+    rsync's stderr (the names of files it could not read) is appended to
+    ``log``, or kept in a temporary file; its complaints come back in
+    :attr:`RsyncResult.errors`. A status outside :data:`ACCEPTABLE` raises
+    :class:`ExternalCommandError`.
+    """
+    # --no-inc-recursive: the bar's percentage is of the whole tree, not of what was found so far
+    args = [args[0], "--info=progress2", "--no-inc-recursive", *args[1:]] if progress else list(args)
+    with open(log, "a+b") if log is not None else tempfile.TemporaryFile() as err:
+        start = err.tell()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        faults.checkpoint("rsync-running")
+        assert proc.stdout is not None
+        out = _pump(proc.stdout, progress=progress, echo_items=echo_items, label=label)
+        status = proc.wait()
+        err.seek(start)
+        complaints = err.read().decode(errors="replace")
+    errors = tuple(ln for ln in complaints.splitlines() if ln.startswith("rsync"))
+    if status not in ACCEPTABLE:
+        detail = errors[-1] if errors else f"see {log}" if log else "no message"
+        raise ExternalCommandError(f"rsync failed (exit {status}): {detail}", status)
+    return RsyncResult(
+        status=status,
+        files_transferred=_stat(out, rb"Number of regular files transferred: ([\d,]+)"),
+        bytes_transferred=_stat(out, rb"Total transferred file size: ([\d,]+)"),
+        created=_stat(out, rb"Number of created files: ([\d,]+)"),
+        deleted=_stat(out, rb"Number of deleted files: ([\d,]+)"),
+        errors=errors,
+    )
+
+
+def _stat(out: bytes, pattern: bytes) -> int:
+    match = re.search(pattern, out)
+    return int(match.group(1).replace(b",", b"")) if match else 0
+
+
+_PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\S+)")
+
+
+def _pump(stream: object, *, progress: bool, echo_items: bool, label: str) -> bytes:
+    """Read rsync's stdout; draw progress lines on stderr, keep the rest."""
+    kept = bytearray()
+    pending = b""
+    last_draw = 0.0
+    read = stream.read1 if hasattr(stream, "read1") else stream.read  # type: ignore[attr-defined]
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        pending += chunk
+        *pieces, pending = re.split(rb"[\r\n]", pending)
+        for piece in pieces:
+            match = _PROGRESS.match(piece) if progress else None
+            if match:
+                now = time.monotonic()
+                if now - last_draw >= 0.2:
+                    last_draw = now
+                    done = int(match.group(1).replace(b",", b""))
+                    sys.stderr.write(f"\r{label}: {int(match.group(2)):3d}%  {_human(done)}  "
+                                     f"{match.group(3).decode()}  {match.group(4).decode()}   ")
+                    sys.stderr.flush()
+                continue
+            kept += piece + b"\n"
+            if echo_items and piece and not piece.startswith((b"Number of", b"Total", b"Literal",
+                                                                b"Matched", b"File list", b"sent ",
+                                                                b"total size")):
+                sys.stdout.buffer.write(piece + b"\n")
+    kept += pending
+    if progress:
+        sys.stderr.write("\r" + " " * 72 + "\r")
+        sys.stderr.flush()
+    return bytes(kept)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,71 @@
+"""Running the engines (DESIGN §2): argument lists only, tools named with packages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from .errors import ExternalCommandError, MissingToolError, SquashfuError
+
+# tool -> Debian package that provides it
+PACKAGES = {
+    "mksquashfs": "squashfs-tools",
+    "unsquashfs": "squashfs-tools",
+    "rsync": "rsync",
+    "mount": "mount",
+    "umount": "mount",
+    "fusermount3": "fuse3",
+    "squashfuse": "squashfuse",
+}
+
+Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def require(tool: str) -> str:
+    """The absolute path of ``tool``, or a clear error naming its package."""
+    path = shutil.which(tool)
+    if path is None:
+        package = PACKAGES.get(tool, tool)
+        raise MissingToolError(f"{tool} is not installed (apt-get install {package})")
+    return path
+
+
+def require_root(what: str) -> None:
+    """Kernel loop and overlay mounts need root; say so instead of failing later."""
+    if os.geteuid() != 0:
+        raise SquashfuError(f"{what} needs root (kernel loop and overlay mounts); run it with sudo")
+
+
+def run(argv: Sequence[Arg], *, what: str | None = None, cwd: Arg | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a command, capturing output; raise a one-line error when it fails."""
+    args = [os.fsdecode(a) if not isinstance(a, bytes) else a for a in argv]
+    require(os.fsdecode(args[0]))
+    proc = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if check and proc.returncode != 0:
+        raise ExternalCommandError(
+            f"{what or os.fsdecode(args[0])} failed (exit {proc.returncode}): {last_line(proc.stderr)}",
+            proc.returncode,
+        )
+    return proc
+
+
+def last_line(output: bytes) -> str:
+    """The last non-empty line of a tool's output, for a one-line error."""
+    lines = [ln.strip() for ln in output.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def process_start_time(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat), so a reused PID is not mistaken for it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return None
+    return fields[19].decode()

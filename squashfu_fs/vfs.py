@@ -1,0 +1,482 @@
+"""The time-travel tree (DESIGN §4) without pyfuse3: inodes, views, history reloads.
+
+The root lists the names of :class:`~squashfu_fs.views.ViewTable`; each dated
+view (and ``seed``) is a :class:`View` whose layer stack is assembled on the
+first lookup inside it, never for a root listing. Inode numbers are computed,
+not allocated: ``view id | layer position | real st_ino``, so a file keeps its
+number for the life of the mount even after the kernel forgot it, and hard
+links in one layer share a number. Node state lives only while the kernel
+holds a lookup count on it, so a ``find`` over every view stays bounded.
+:mod:`squashfu_fs.fuse_ops` translates this to FUSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import history as history_mod
+from . import layerstack
+from .errors import SquashfuError
+from .history import History
+from .layerstack import DirLayer, Entry, StatLike
+from .layout import RootLayout
+from .views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+LINK_INOS = {name: i for i, name in enumerate((*WEEKDAYS, LATEST), start=2)}
+VIEW_SHIFT = 44
+LAYER_SHIFT = 34
+_VIEW_LIMIT = 1 << (64 - VIEW_SHIFT)
+_LAYER_LIMIT = 1 << (VIEW_SHIFT - LAYER_SHIFT)
+_INO_LIMIT = 1 << LAYER_SHIFT
+_FALLBACK_FIRST = 1 << 20  # inside view 0's space, above the root's own inodes
+REFRESH_INTERVAL = 0.5  # seconds between looks at history.json on root operations
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Synthetic attributes for the root and its symlinks, or an adjusted real stat."""
+
+    st_mode: int
+    st_ino: int = 0
+    st_dev: int = 0
+    st_nlink: int = 1
+    st_uid: int = 0
+    st_gid: int = 0
+    st_size: int = 0
+    st_rdev: int = 0
+    st_blksize: int = 4096
+    st_blocks: int = 0
+    st_atime_ns: int = 0
+    st_mtime_ns: int = 0
+    st_ctime_ns: int = 0
+
+    @classmethod
+    def copy(cls, st: StatLike, **changes: int) -> Stat:
+        fields = {k: getattr(st, k) for k in cls.__dataclass_fields__}
+        fields.update(changes)
+        return cls(**fields)
+
+
+class SeedProvider(Protocol):
+    """Makes a seed image readable as a directory, and takes it down when unused."""
+
+    def acquire(self, file_name: str) -> bytes: ...
+    def release(self, file_name: str) -> None: ...
+
+
+class PlainSeeds:
+    """Seeds that already are directories (tests, and an unpacked seed)."""
+
+    def __init__(self, directory_of: Callable[[str], bytes]) -> None:
+        self.directory_of = directory_of
+        self.acquired: list[str] = []
+        self.released: list[str] = []
+
+    def acquire(self, file_name: str) -> bytes:
+        self.acquired.append(file_name)
+        return self.directory_of(file_name)
+
+    def release(self, file_name: str) -> None:
+        self.released.append(file_name)
+
+
+class View:
+    """One state of the past: its spec, its layers, and (once built) its root branches."""
+
+    __slots__ = ("built", "id", "key", "layers", "live", "name", "retired", "root_entry",
+                 "root_ino", "seed_file", "spec")
+
+    def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
+                 layers: list[DirLayer], seed_file: str) -> None:
+        self.id = view_id
+        self.name = name
+        self.spec = spec
+        self.key = key
+        self.layers = layers
+        self.seed_file = seed_file
+        self.root_ino = view_id << VIEW_SHIFT
+        self.root_entry: Entry | None = None
+        self.built = False
+        self.live = 0  # nodes of this view that the kernel knows
+        self.retired = False  # no longer named in the root
+
+
+class Node:
+    """An inode the kernel holds: its entry, lookup count and lazily built state."""
+
+    __slots__ = ("entry", "ino", "listing", "nlookup", "target", "view", "xattrs")
+
+    def __init__(self, ino: int, view: View | None, entry: Entry, target: bytes | None = None) -> None:
+        self.ino = ino
+        self.view = view
+        self.entry = entry
+        self.target = target
+        self.nlookup = 0
+        self.listing: Listing | None = None
+        self.xattrs: dict[bytes, bytes] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.entry.st.st_mode)
+
+
+class Listing:
+    """A directory's merged listing, built once: offsets are indexes, so they are stable."""
+
+    __slots__ = ("index", "items")
+
+    def __init__(self, items: list[tuple[bytes, int, Entry]]) -> None:
+        self.items = items
+        self.index = {name: i for i, (name, _, _) in enumerate(items)}
+
+
+@dataclass
+class RootChange:
+    """What a history reload changed in the root, for the kernel's caches."""
+
+    names: list[bytes] = field(default_factory=list)  # entries to invalidate
+    inodes: list[int] = field(default_factory=list)  # inodes whose attributes changed
+
+
+@dataclass
+class Counters:
+    """What the tree did; tests assert on these and the benchmark reports them."""
+
+    stacks_built: int = 0
+    listings_built: int = 0
+    reloads: int = 0
+    history_checks: int = 0
+
+
+class Vfs:
+    """The whole tree of one mount: root names, views and the live inode table."""
+
+    def __init__(self, layout: RootLayout, seeds: SeedProvider, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.layout = layout
+        self.seeds = seeds
+        self.clock = clock
+        self.counters = Counters()
+        self.on_change: Callable[[RootChange], None] | None = None  # the adapter's invalidation
+        self.on_loaded: Callable[[int], None] | None = None  # told each history generation it has loaded
+        self.history = History()
+        self.table = ViewTable.from_history(self.history)
+        self.nodes: dict[int, Node] = {}
+        self.views: dict[tuple[object, ...], View] = {}  # current views, by key
+        self.by_id: dict[int, View] = {}  # every view still alive (current or retired)
+        self.root_items: list[tuple[bytes, int, Entry]] = []
+        self._next_view = 1
+        self._fallback: dict[tuple[int, int, int, int], int] = {}
+        self._seed_refs: dict[str, int] = {}
+        self._seed_dirs: dict[str, bytes] = {}
+        self._current_seed: str | None = None
+        self._history_key: tuple[int, ...] | None = None
+        self._last_check = float("-inf")
+        self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2)
+        self.nodes[ROOT_INO] = Node(ROOT_INO, None, Entry(self.root_st, ()))
+        self.nodes[ROOT_INO].nlookup = 1 << 62  # never forgotten
+
+    # ----------------------------------------------------------------- history
+
+    def maybe_refresh(self) -> RootChange | None:
+        """Look at history.json at most every REFRESH_INTERVAL; reload if it changed."""
+        now = self.clock()
+        if now - self._last_check < REFRESH_INTERVAL:
+            return None
+        self._last_check = now
+        return self.refresh()
+
+    def refresh(self) -> RootChange | None:
+        """Reload the history if history.json changed; None when nothing changed."""
+        self.counters.history_checks += 1
+        try:
+            st = os.stat(self.layout.history)
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", self.layout.history, exc)
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._history_key:
+            return None
+        try:
+            new = history_mod.load(self.layout.history)
+        except SquashfuError as exc:
+            log.warning("keeping the previous history: %s", exc)
+            return None
+        self._history_key = key
+        if new == self.history and self.root_items:
+            self._loaded(new)
+            return None
+        change = self._install(new, st.st_mtime_ns)
+        if self.on_change is not None:
+            self.on_change(change)
+        self._loaded(new)
+        return change
+
+    def _loaded(self, history: History) -> None:
+        """Tell the world (a resquash waiting to delete bins) which history we now serve."""
+        if self.on_loaded is not None:
+            self.on_loaded(history.generation)
+
+    def _install(self, new: History, mtime_ns: int) -> RootChange:
+        self.counters.reloads += 1
+        old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
+        old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
+        if new.seed is not None and new.seed.file != self._current_seed:
+            self._seed_ref(new.seed.file, +1)  # may mount it: do this before letting go
+            if self._current_seed is not None:
+                self._seed_ref(self._current_seed, -1)
+            self._current_seed = new.seed.file
+        self.history = new
+        self.table = ViewTable.from_history(new)
+        fresh: dict[tuple[object, ...], View] = {}
+        items: list[tuple[bytes, int, Entry]] = []
+        for name in self.table.names():
+            if name in LINK_INOS:
+                target = self.table.links[name].encode()
+                ino = LINK_INOS[name]
+                spec = self.table.dated[self.table.links[name]]
+                t = int(spec.time.timestamp() * 1e9)
+                entry = Entry(Stat(stat.S_IFLNK | 0o777, st_size=len(target), st_atime_ns=t,
+                                   st_mtime_ns=t, st_ctime_ns=t), ())
+                node = self.nodes.get(ino)
+                if node is None:
+                    node = self.nodes[ino] = Node(ino, None, entry, target)
+                    node.nlookup = 1 << 62
+                node.entry, node.target = entry, target
+                items.append((name.encode(), ino, entry))
+                continue
+            spec = self.table.resolve(name)
+            view = self._view_for(name, spec, fresh)
+            items.append((name.encode(), view.root_ino, self._root_entry(view)))
+        for key, view in self.views.items():
+            if key not in fresh:
+                view.retired = True
+                self._maybe_drop(view)
+        self.views = fresh
+        self.root_items = items
+        dirs = sum(1 for _, _, e in items if e.is_dir)
+        self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2 + dirs, st_atime_ns=mtime_ns,
+                            st_mtime_ns=mtime_ns, st_ctime_ns=mtime_ns)
+        self.nodes[ROOT_INO].entry = Entry(self.root_st, ())
+        change = RootChange(inodes=[ROOT_INO])
+        new_items = {name: ino for name, ino, _ in items}
+        for item in set(old_items) | set(new_items):
+            before = old_items[item][0] if item in old_items else None
+            after = new_items.get(item)
+            if before != after:
+                change.names.append(item)
+            elif after in old_targets and old_targets[after] != self.nodes[after].target:
+                change.names.append(item)
+                change.inodes.append(after)
+        change.names.sort()
+        return change
+
+    def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View]) -> View:
+        assert self._current_seed is not None
+        key: tuple[object, ...] = (name == SEED, spec.bins, self._current_seed)
+        view = self.views.get(key) or fresh.get(key)
+        if view is None:
+            if self._next_view >= _VIEW_LIMIT:
+                raise SquashfuError("this mount has created too many views; remount it")
+            layers = [DirLayer(self.layout.bin(n)) for n in spec.bins]
+            layers.append(DirLayer(self._seed_dirs[self._current_seed]))
+            view = View(self._next_view, name, spec, key, layers, self._current_seed)
+            self._next_view += 1
+            self.by_id[view.id] = view
+            self._seed_ref(self._current_seed, +1)
+        view.name = name
+        fresh[key] = view
+        return view
+
+    def _root_entry(self, view: View) -> Entry:
+        """A view's directory attributes: its top layer's root, read without building."""
+        if view.root_entry is None:
+            top = view.layers[0].directory()
+            try:
+                st: StatLike = os.lstat(top)
+                if len(view.layers) > 1:
+                    st = Stat.copy(st, st_nlink=1)  # overlay reports merged dirs so
+            except OSError as exc:
+                log.warning("view %s: cannot stat %r: %s", view.name, top, exc)
+                st = Stat(stat.S_IFDIR | 0o555, st_nlink=2)
+            view.root_entry = Entry(st, ())
+        return view.root_entry
+
+    def _seed_ref(self, file_name: str, delta: int) -> None:
+        count = self._seed_refs.get(file_name, 0) + delta
+        if count > 0:
+            if file_name not in self._seed_dirs:
+                self._seed_dirs[file_name] = self.seeds.acquire(file_name)
+            self._seed_refs[file_name] = count
+            return
+        self._seed_refs.pop(file_name, None)
+        if self._seed_dirs.pop(file_name, None) is not None:
+            self.seeds.release(file_name)
+
+    def _maybe_drop(self, view: View) -> None:
+        if view.retired and view.live <= 0 and view.id in self.by_id:
+            del self.by_id[view.id]
+            self._seed_ref(view.seed_file, -1)
+
+    def close(self) -> None:
+        """Let go of every seed (at unmount)."""
+        for name in list(self._seed_dirs):
+            self._seed_refs.pop(name, None)
+            self._seed_dirs.pop(name, None)
+            self.seeds.release(name)
+
+    # ----------------------------------------------------------------- inodes
+
+    def is_root_space(self, ino: int) -> bool:
+        """The root and the names in it: short cache timeouts, they change with history."""
+        return ino < _FALLBACK_FIRST or (ino >> VIEW_SHIFT != 0 and ino & ((1 << VIEW_SHIFT) - 1) == 0)
+
+    def node(self, ino: int) -> Node:
+        """The live node of an inode number; KeyError if the kernel should not know it."""
+        return self.nodes[ino]
+
+    def ino_of(self, view: View, entry: Entry) -> int:
+        """The inode number of a resolved entry: computed from where the real object lives."""
+        pos = entry.layer
+        st_ino = entry.st.st_ino
+        if pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
+            return (view.id << VIEW_SHIFT) | (pos << LAYER_SHIFT) | st_ino
+        key = (view.id, pos, entry.st.st_dev, st_ino)
+        ino = self._fallback.get(key)
+        if ino is None:
+            ino = self._fallback[key] = _FALLBACK_FIRST + len(self._fallback)
+        return ino
+
+    def remember(self, ino: int, view: View | None, entry: Entry) -> Node:
+        """Count one more kernel reference to ``ino`` (a lookup or a readdirplus entry)."""
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, view, entry)
+            if view is not None:
+                view.live += 1
+        node.nlookup += 1
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` references; free the node when none are left."""
+        node = self.nodes.get(ino)
+        if node is None or node.view is None:
+            return
+        node.nlookup -= count
+        if node.nlookup <= 0:
+            del self.nodes[ino]
+            view = node.view
+            view.live -= 1
+            self._maybe_drop(view)
+
+    def build(self, view: View) -> None:
+        """Assemble a view's stack: done on the first lookup inside it, never for the root."""
+        if view.built:
+            return
+        entry = self._root_entry(view)
+        entry.branches = layerstack.root_branches(view.layers)
+        view.built = True
+        self.counters.stacks_built += 1
+
+    def view_of_root(self, ino: int) -> View | None:
+        if ino >> VIEW_SHIFT == 0 or ino & ((1 << VIEW_SHIFT) - 1):
+            return None
+        return self.by_id.get(ino >> VIEW_SHIFT)
+
+    # ----------------------------------------------------------------- operations
+
+    def lookup(self, parent: int, name: bytes) -> tuple[int, Entry] | None:
+        """Resolve ``name`` in directory ``parent`` and count the reference; None if absent."""
+        if parent == ROOT_INO:
+            self.maybe_refresh()
+            for item_name, ino, entry in self.root_items:
+                if item_name == name:
+                    view = self.view_of_root(ino)
+                    self.remember(ino, view, entry)
+                    return ino, entry
+            return None
+        node = self.nodes[parent]
+        view = node.view
+        if view is None:
+            raise NotADirectoryError(parent)
+        if node.ino == view.root_ino:
+            self.build(view)
+        if node.listing is not None:
+            i = node.listing.index.get(name)
+            if i is None:
+                return None
+            _, ino, entry = node.listing.items[i]
+        else:
+            found = layerstack.lookup(node.entry.branches, name)
+            if found is None:
+                return None
+            entry = found
+            ino = self.ino_of(view, entry)
+        self.remember(ino, view, entry)
+        return ino, entry
+
+    def listing(self, ino: int) -> list[tuple[bytes, int, Entry]]:
+        """A directory's merged entries in a fixed order (offset = index + 1)."""
+        if ino == ROOT_INO:
+            self.maybe_refresh()
+            return self.root_items
+        node = self.nodes[ino]
+        view = node.view
+        if view is None:
+            raise NotADirectoryError(ino)
+        if node.listing is None:
+            if node.ino == view.root_ino:
+                self.build(view)
+            items = [(name, self.ino_of(view, e), e) for name, e in layerstack.listdir(node.entry.branches)]
+            node.listing = Listing(items)
+            self.counters.listings_built += 1
+        return node.listing.items
+
+    def attributes(self, ino: int) -> Entry:
+        if ino == ROOT_INO:
+            self.maybe_refresh()
+        return self.nodes[ino].entry
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.nodes[ino]
+        if node.target is not None:
+            return node.target
+        return os.readlink(node.entry.path)
+
+    def real_path(self, ino: int) -> bytes:
+        """The real file to open for reading."""
+        node = self.nodes[ino]
+        if node.view is None or not node.entry.branches:
+            raise IsADirectoryError(ino)
+        return node.entry.path
+
+    def in_seed(self, ino: int) -> bool:
+        """Whether a file's data comes from the seed image (its bottom layer)."""
+        node = self.nodes[ino]
+        return node.view is not None and node.entry.layer == len(node.view.layers)
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """A node's visible xattrs, read once and kept while the node lives."""
+        node = self.nodes[ino]
+        if node.xattrs is None:
+            view = node.view
+            if view is None:
+                node.xattrs = {}
+            elif node.ino == view.root_ino:
+                node.xattrs = layerstack.read_xattrs(view.layers[0].directory())
+            else:
+                node.xattrs = layerstack.read_xattrs(node.entry.path)
+        return node.xattrs
+
+    def statfs_path(self) -> bytes:
+        return os.fsencode(self.layout.root)
+

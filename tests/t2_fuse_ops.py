@@ -1,0 +1,351 @@
+"""The pyfuse3 Operations class called directly with trio: no kernel, plain-directory layers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from squashfu_fs import history as history_mod
+from squashfu_fs.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
+from squashfu_fs.history import Bin, History, Seed
+from squashfu_fs.layout import RootLayout
+from squashfu_fs.vfs import ROOT_INO, PlainSeeds, Vfs
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
+
+T0 = datetime(2026, 11, 2, 2, 0).astimezone()  # a Monday
+
+
+def at(day: int) -> str:
+    return T0.replace(day=2 + day).isoformat()
+
+
+class Recorder:
+    """Stands in for the kernel's invalidation calls."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+        self.inodes: list[int] = []
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.entries.append((parent, name))
+
+    def invalidate_inode(self, ino: int) -> None:
+        self.inodes.append(ino)
+
+
+class World:
+    """A backup root made by hand: a seed directory, bins as overlay upper layers."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "root"
+        self.layout = RootLayout(self.root)
+        self.seed_dir = tmp_path / "seed-unpacked"
+        for d in (self.root, self.layout.bins, self.seed_dir):
+            d.mkdir(parents=True)
+        s = self.seed_dir
+        (s / "home" / "alice").mkdir(parents=True)
+        (s / "home" / "alice" / "a.txt").write_text("seed a\n")
+        (s / "home" / "alice" / "gone.txt").write_text("deleted on night 1\n")
+        (s / "hard1").write_text("linked\n")
+        os.link(s / "hard1", s / "hard2")
+        os.symlink(b"home/alice/a.txt", s / "link")
+        (s / "dir").mkdir()
+        (s / "dir" / "old").write_text("old\n")
+        os.setxattr(s / "hard1", b"user.tag", b"v1")
+        os.setxattr(s / "hard1", b"trusted.overlay.overlay.own", b"escaped")
+        self.history = History(seed=Seed(file="seed.sfs", generation=1, time=at(0), created=at(0)),
+                               generation=1)
+        self.save()
+        b1 = self.add_bin(1)  # night 1: a change, a deletion, an opaque directory
+        (b1 / "home" / "alice").mkdir(parents=True)
+        (b1 / "home" / "alice" / "a.txt").write_text("night 1 a\n")
+        os.mknod(b1 / "home" / "alice" / "gone.txt", stat.S_IFCHR, os.makedev(0, 0))
+        (b1 / "dir").mkdir()
+        os.setxattr(b1 / "dir", b"trusted.overlay.opaque", b"y")
+        (b1 / "dir" / "new").write_text("new\n")
+        with open(os.path.join(os.fsencode(b1), b"caf\xe9\nname"), "wb") as f:
+            f.write(b"awkward\n")
+        self.commit(1, 1)
+
+    def add_bin(self, number: int) -> Path:
+        path = self.layout.bin(number)
+        path.mkdir()
+        return path
+
+    def commit(self, number: int, day: int) -> None:
+        self.history = self.history.with_bin(Bin(number, at(day), 1.0, 0, 0, 0))
+        self.save()
+
+    def save(self) -> None:
+        history_mod.save(self.layout.history, self.history)
+
+    def ops(self, clock: Callable[[], float] | None = None) -> tuple[FuseOps, Vfs, Recorder]:
+        seeds = PlainSeeds(lambda name: os.fsencode(self.seed_dir))
+        vfs = Vfs(self.layout, seeds, clock=clock) if clock else Vfs(self.layout, seeds)
+        vfs.refresh()
+        rec = Recorder()
+        return FuseOps(vfs, rec), vfs, rec
+
+
+def run(fn: Callable[..., Any], *args: Any) -> Any:
+    return trio.run(fn, *args)
+
+
+def listdir(ops: FuseOps, ino: int, start: int = 0, limit: int | None = None) -> list[tuple[bytes, Any, int]]:
+    out: list[tuple[bytes, Any, int]] = []
+
+    def reply(token: Any, name: bytes, attr: Any, next_id: int) -> bool:
+        if limit is not None and len(out) >= limit:
+            return False
+        out.append((name, attr, next_id))
+        return True
+
+    ops.readdir_reply = reply
+    fh = run(ops.opendir, ino, None)
+    run(ops.readdir, fh, start, None)
+    run(ops.releasedir, fh)
+    return out
+
+
+def lookup_path(ops: FuseOps, path: bytes) -> Any:
+    ino = ROOT_INO
+    attr = None
+    for part in path.split(b"/"):
+        attr = run(ops.lookup, ino, part, None)
+        if attr.st_ino == 0:
+            raise FileNotFoundError(path)
+        ino = attr.st_ino
+    return attr
+
+
+def fuse_errno(fn: Callable[..., Any], *args: Any) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        run(fn, *args)
+    return info.value.errno
+
+
+def test_root_lists_every_view_and_builds_nothing(tmp_path: Path) -> None:
+    ops, vfs, _ = World(tmp_path).ops()
+    entries = listdir(ops, ROOT_INO)
+    names = [n for n, _, _ in entries]
+    assert names == [b"2026-11-02", b"2026-11-03", b"mon", b"tue", b"latest", b"seed"]
+    for name, attr, _ in entries:
+        assert attr.entry_timeout == ROOT_TIMEOUT
+        kind = stat.S_IFMT(attr.st_mode)
+        assert kind == (stat.S_IFLNK if name in (b"mon", b"tue", b"latest") else stat.S_IFDIR)
+        run(ops.getattr, attr.st_ino, None)
+    assert run(ops.readlink, lookup_path(ops, b"latest").st_ino, None) == b"2026-11-03"
+    assert run(ops.readlink, lookup_path(ops, b"mon").st_ino, None) == b"2026-11-02"
+    run(ops.getattr, ROOT_INO, None)
+    assert vfs.counters.stacks_built == 0 and vfs.counters.listings_built == 0
+    assert run(ops.lookup, ROOT_INO, b"2026-11-04", None).st_ino == 0
+
+
+def test_lookup_inside_a_view_builds_its_stack_once(tmp_path: Path) -> None:
+    ops, vfs, _ = World(tmp_path).ops()
+    a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    assert vfs.counters.stacks_built == 1
+    lookup_path(ops, b"2026-11-03/link")
+    assert vfs.counters.stacks_built == 1
+    assert a.entry_timeout == VIEW_TIMEOUT and a.attr_timeout == VIEW_TIMEOUT
+    fi = run(ops.open, a.st_ino, os.O_RDONLY, None)
+    assert fi.keep_cache and not fi.direct_io
+    assert run(ops.read, fi.fh, 0, 4096) == b"night 1 a\n"
+    assert run(ops.read, fi.fh, 6, 3) == b"1 a"
+    run(ops.release, fi.fh)
+    old = lookup_path(ops, b"2026-11-02/home/alice/a.txt")
+    fi = run(ops.open, old.st_ino, os.O_RDONLY, None)
+    assert run(ops.read, fi.fh, 0, 4096) == b"seed a\n"
+    run(ops.release, fi.fh)
+    assert old.st_ino != a.st_ino and vfs.counters.stacks_built == 2
+
+
+def test_listing_follows_overlay_rules_and_stat_is_real(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    ops, _, _ = w.ops()
+    alice = lookup_path(ops, b"2026-11-03/home/alice")
+    assert [n for n, _, _ in listdir(ops, alice.st_ino)] == [b"a.txt"]  # whiteout hidden
+    d = lookup_path(ops, b"2026-11-03/dir")
+    assert [n for n, _, _ in listdir(ops, d.st_ino)] == [b"new"]  # opaque
+    view = lookup_path(ops, b"2026-11-03")
+    names = {n for n, _, _ in listdir(ops, view.st_ino)}
+    assert names == {b"home", b"hard1", b"hard2", b"link", b"dir", b"caf\xe9\nname"}
+    assert run(ops.lookup, alice.st_ino, b"gone.txt", None).st_ino == 0
+    assert {n for n, _, _ in listdir(ops, lookup_path(ops, b"seed/home/alice").st_ino)} == {
+        b"a.txt", b"gone.txt"}
+    real = os.lstat(w.layout.bin(1) / "home" / "alice" / "a.txt")
+    a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    assert (a.st_mode, a.st_size, a.st_mtime_ns, a.st_uid, a.st_blocks, a.st_nlink) == (
+        real.st_mode, real.st_size, real.st_mtime_ns, real.st_uid, real.st_blocks, real.st_nlink)
+    assert lookup_path(ops, b"2026-11-03/home").st_nlink == 1  # merged directory, like overlayfs
+
+
+def test_hard_links_share_an_inode_and_inodes_are_stable(tmp_path: Path) -> None:
+    ops, vfs, _ = World(tmp_path).ops()
+    h1 = lookup_path(ops, b"2026-11-03/hard1")
+    h2 = lookup_path(ops, b"2026-11-03/hard2")
+    assert h1.st_ino == h2.st_ino and h1.st_nlink == 2
+    run(ops.forget, [(h1.st_ino, 2)])
+    assert h1.st_ino not in vfs.nodes
+    assert lookup_path(ops, b"2026-11-03/hard2").st_ino == h1.st_ino
+    listed = {n: a.st_ino for n, a, _ in listdir(ops, lookup_path(ops, b"2026-11-03").st_ino)}
+    assert listed[b"hard1"] == h1.st_ino
+    assert lookup_path(ops, b"2026-11-02/hard1").st_ino != h1.st_ino  # another view
+
+
+def test_readlink_and_xattrs(tmp_path: Path) -> None:
+    ops, _, _ = World(tmp_path).ops()
+    link = lookup_path(ops, b"2026-11-03/link")
+    assert run(ops.readlink, link.st_ino, None) == b"home/alice/a.txt"
+    h = lookup_path(ops, b"2026-11-03/hard1")
+    assert sorted(run(ops.listxattr, h.st_ino, None)) == [b"trusted.overlay.own", b"user.tag"]
+    assert run(ops.getxattr, h.st_ino, b"trusted.overlay.own", None) == b"escaped"
+    assert fuse_errno(ops.getxattr, h.st_ino, b"system.posix_acl_access", None) == pyfuse3.ENOATTR
+    d = lookup_path(ops, b"2026-11-03/dir")
+    assert run(ops.listxattr, d.st_ino, None) == []  # the opaque marker is overlay's own
+    assert fuse_errno(ops.getxattr, d.st_ino, b"trusted.overlay.opaque", None) == pyfuse3.ENOATTR
+
+
+def test_every_write_is_erofs(tmp_path: Path) -> None:
+    ops, _, _ = World(tmp_path).ops()
+    a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    d = lookup_path(ops, b"2026-11-03/home").st_ino
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        assert fuse_errno(ops.open, a.st_ino, flags, None) == errno.EROFS
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+        (ops.setattr, (a.st_ino, a, None, None, None)),
+        (ops.mknod, (d, b"n", stat.S_IFREG | 0o644, 0, None)),
+        (ops.mkdir, (d, b"n", 0o755, None)),
+        (ops.unlink, (d, b"alice", None)),
+        (ops.rmdir, (d, b"alice", None)),
+        (ops.symlink, (d, b"n", b"t", None)),
+        (ops.rename, (d, b"alice", d, b"bob", 0, None)),
+        (ops.link, (a.st_ino, d, b"n", None)),
+        (ops.write, (3, 0, b"x")),
+        (ops.create, (d, b"n", 0o644, os.O_WRONLY, None)),
+        (ops.setxattr, (a.st_ino, b"user.x", b"1", None)),
+        (ops.removexattr, (a.st_ino, b"user.x", None)),
+        (ops.mkdir, (ROOT_INO, b"2030-01-01", 0o755, None)),
+    ]
+    for fn, args in calls:
+        assert fuse_errno(fn, *args) == errno.EROFS, fn.__name__
+    assert fuse_errno(ops.access, a.st_ino, os.W_OK, None) == errno.EROFS
+    assert run(ops.access, a.st_ino, os.R_OK, None) is True
+
+
+def test_forget_releases_nodes_and_listings(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    many = w.seed_dir / "many"
+    many.mkdir()
+    for i in range(500):
+        (many / f"f{i:03}").write_text(str(i))
+    ops, vfs, _ = w.ops()
+    baseline = len(vfs.nodes)
+    counts: dict[int, int] = {}
+    for view in (b"2026-11-02", b"2026-11-03", b"seed"):
+        v = run(ops.lookup, ROOT_INO, view, None).st_ino
+        m = run(ops.lookup, v, b"many", None).st_ino
+        entries = listdir(ops, m)
+        assert len(entries) == 500
+        for _, attr, _ in entries:
+            counts[attr.st_ino] = counts.get(attr.st_ino, 0) + 1
+        for ino in (v, m):
+            counts[ino] = counts.get(ino, 0) + 1
+    assert len(vfs.nodes) == baseline + 3 * 502
+    run(ops.forget, list(counts.items()))
+    assert len(vfs.nodes) == baseline
+
+
+def test_readdir_offsets_resume_where_they_stopped(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    for i in range(100):
+        (w.seed_dir / "dir" / f"x{i:03}").write_text("")
+    ops, _, _ = w.ops()
+    seed_dir = lookup_path(ops, b"seed/dir").st_ino
+    whole = [n for n, _, _ in listdir(ops, seed_dir)]
+    first = listdir(ops, seed_dir, limit=30)
+    rest = listdir(ops, seed_dir, start=first[-1][2])
+    assert [n for n, _, _ in first] + [n for n, _, _ in rest] == whole and len(whole) == 101
+
+
+def test_a_new_commit_appears_and_the_root_is_invalidated(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    now = [0.0]
+    ops, vfs, rec = w.ops(clock=lambda: now[0])
+    old_view = lookup_path(ops, b"2026-11-03").st_ino
+    a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    fi = run(ops.open, a.st_ino, os.O_RDONLY, None)
+    b2 = w.add_bin(2)
+    (b2 / "added.txt").write_text("night 2\n")
+    w.commit(2, 2)
+    now[0] += 10
+    names = [n for n, _, _ in listdir(ops, ROOT_INO)]
+    assert b"2026-11-04" in names and b"wed" in names
+    assert run(ops.readlink, lookup_path(ops, b"latest").st_ino, None) == b"2026-11-04"
+    assert (ROOT_INO, b"2026-11-04") in rec.entries and (ROOT_INO, b"latest") in rec.entries
+    ops.flush_invalidations()
+    assert ROOT_INO in rec.inodes
+    assert lookup_path(ops, b"2026-11-03").st_ino == old_view  # unchanged views keep their inodes
+    assert lookup_path(ops, b"2026-11-04/added.txt").st_size == 8
+    assert run(ops.read, fi.fh, 0, 100) == b"night 1 a\n"  # an open file keeps reading
+    run(ops.release, fi.fh)
+    # A resquash-like commit: a new seed, bin 1 absorbed. Old views retire, new ones appear.
+    w.history = w.history.with_seed(
+        Seed(file="seed.2.sfs", generation=2, time=at(1), created=at(3), absorbed=(1,)),
+        remaining=w.history.bins[1:])
+    w.save()
+    now[0] += 10
+    names = [n for n, _, _ in listdir(ops, ROOT_INO)]
+    assert b"2026-11-02" not in names and b"2026-11-03" in names
+    assert lookup_path(ops, b"2026-11-03").st_ino != old_view
+    assert vfs.seeds.acquired == ["seed.sfs", "seed.2.sfs"]  # type: ignore[attr-defined]
+    # the old seed is let go once the kernel forgets the last inode of an old view
+    for ino, node in list(vfs.nodes.items()):
+        if node.view is not None and node.view.seed_file == "seed.sfs":
+            run(ops.forget, [(ino, node.nlookup)])
+    assert vfs.seeds.released == ["seed.sfs"]  # type: ignore[attr-defined]
+
+
+def test_history_is_looked_at_rarely(tmp_path: Path) -> None:
+    now = [0.0]
+    ops, vfs, _ = World(tmp_path).ops(clock=lambda: now[0])
+    checks = vfs.counters.history_checks
+    for _ in range(50):
+        run(ops.getattr, ROOT_INO, None)
+        run(ops.lookup, ROOT_INO, b"latest", None)
+    assert vfs.counters.history_checks <= checks + 1
+
+
+def test_sequential_reads_from_the_seed_are_prefetched(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    data = os.urandom(3 << 20)
+    (world.seed_dir / "big").write_bytes(data)
+    ops, _, _ = world.ops()
+    big = lookup_path(ops, b"2026-11-03/big")
+    info = run(ops.open, big.st_ino, os.O_RDONLY, None)
+    fd = info.fh
+    step = 256 << 10
+    got = b"".join(run(ops.read, fd, off, step) for off in range(0, len(data) + step, step))
+    assert got == data
+    assert ops.prefetcher._streams[fd].ahead > len(data)  # advice stayed ahead of the reader
+    in_bin = lookup_path(ops, b"2026-11-03/home/alice/a.txt")  # changed on night 1: lives in a bin
+    bin_fd = run(ops.open, in_bin.st_ino, os.O_RDONLY, None).fh
+    assert bin_fd not in ops.prefetcher._streams
+    assert run(ops.read, bin_fd, 0, step) == b"night 1 a\n"
+    run(ops.release, fd)
+    run(ops.release, bin_fd)
+    ops.close()  # waits for the helper thread: every descriptor is closed by now
+    for closed in (fd, bin_fd):
+        with pytest.raises(OSError) as err:
+            os.fstat(closed)
+        assert err.value.errno == errno.EBADF

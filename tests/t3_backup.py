@@ -1,0 +1,402 @@
+"""Single commands against real mounts: init, backup, dry-run, list, rollback, restore, resquash."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from squashfu_fs import mounts
+
+from .harness import bin_entries, fuse_mounted, history, rolled_back, squashfu
+
+pytestmark = pytest.mark.mounts
+
+
+@pytest.fixture
+def tree(scratch: Path) -> Iterator[tuple[Path, Path]]:
+    """A small source and a root with one backup of it."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha\n")
+    (src / "docs" / "b.txt").write_text("beta\n")
+    (src / "keep.tmp").write_text("excluded\n")
+    squashfu("init", root, "--source", src, "--exclude", "*.tmp")
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    yield src, root
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------- init
+
+
+def test_init_writes_config_and_layout(scratch: Path) -> None:
+    (scratch / "src").mkdir()
+    squashfu("init", scratch / "root", "--source", scratch / "src")
+    root = scratch / "root"
+    text = (root / "squashfu.toml").read_text()
+    assert 'compression = "zstd"' in text and "max_bins = 14" in text and "min_bins = 7" in text
+    assert history(root)["seed"] is None and history(root)["bins"] == []
+    assert all((root / d).is_dir() for d in ("bins", "ro", "rw", ".work"))
+
+
+def test_init_refuses_doubtful_roots(scratch: Path) -> None:
+    src = scratch / "src"
+    src.mkdir()
+    (scratch / "busy").mkdir()
+    (scratch / "busy" / "something").write_text("x")
+    cases = {
+        scratch / "busy": "already exists",
+        src / "inside": "inside the source",
+        scratch / "new": "is not a directory",  # with a missing source, below
+    }
+    for root, message in cases.items():
+        source = scratch / "missing" if message == "is not a directory" else src
+        proc = squashfu("init", root, "--source", source, expect=2)
+        assert message in one_line(proc)
+    assert not (src / "inside").exists() and not (scratch / "new").exists()
+    assert os.listdir(scratch / "busy") == ["something"]
+
+
+def test_init_refuses_a_filesystem_without_whiteouts_or_xattrs(scratch: Path) -> None:
+    (scratch / "src").mkdir()
+    ram = scratch / "ram"
+    ram.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", ram], check=True)  # no xattrs on ramfs
+    try:
+        proc = squashfu("init", ram / "root", "--source", scratch / "src", expect=2)
+        assert "cannot hold overlay layers" in one_line(proc)
+        assert not (ram / "root").exists()
+    finally:
+        mounts.unmount(ram)
+
+
+# ------------------------------------------------------------- backup
+
+
+def test_first_incremental_of_an_unchanged_source_is_empty(tree: tuple[Path, Path]) -> None:
+    _, root = tree
+    quiet = squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert quiet.stdout == "" and quiet.stderr == "", "a successful cron run must be silent"
+    h = history(root)
+    assert h["bins"][0]["files"] == 0 and bin_entries(root, 1) == []
+    assert not mounts.mounts_below(root)
+
+
+def test_excluded_files_are_neither_in_the_seed_nor_in_bins(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    (src / "new.tmp").write_text("also excluded\n")
+    (src / "docs" / "a.txt").write_text("changed\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert sorted(bin_entries(root, 1)) == [b"docs", b"docs/a.txt"]
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert sorted(os.listdir(mp)) == ["docs"]
+
+
+def test_dry_run_says_what_would_change_and_commits_nothing(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("changed\n")
+    (src / "docs" / "b.txt").unlink()
+    (src / "docs" / "c.txt").write_text("new\n")
+    before = history(root)
+    proc = squashfu("-r", root, "backup", "--dry-run", now="2026-11-03T02:00")
+    lines = proc.stdout.splitlines()
+    assert any(ln.startswith(">f") and ln.endswith(" docs/a.txt") for ln in lines), lines
+    assert any(ln.startswith("*deleting") and ln.endswith(" docs/b.txt") for ln in lines), lines
+    assert any(ln.startswith(">f+++++++++") and ln.endswith(" docs/c.txt") for ln in lines), lines
+    assert history(root) == before and os.listdir(root / "bins") == []
+    assert not mounts.mounts_below(root)
+
+
+def test_progress_bar_on_request(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    (src / "big").write_bytes(os.urandom(4 << 20))
+    proc = squashfu("-r", root, "backup", "--progress", now="2026-11-03T02:00")
+    assert "backup:" in proc.stderr and "%" in proc.stderr
+
+
+def test_unreadable_file_commits_and_exits_3(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    victim = src / "docs" / "unreadable"
+    victim.write_text("")
+    # A write-only sysfs attribute cannot be read even by root: a real read error.
+    subprocess.run(["mount", "--bind", "/sys/bus/platform/drivers_probe", victim], check=True)
+    try:
+        (src / "docs" / "a.txt").write_text("changed\n")
+        proc = squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=3)
+    finally:
+        mounts.unmount(victim)
+    line = one_line(proc)
+    assert "backup committed" in line and "could not be backed up" in line
+    h = history(root)
+    assert h["bins"][-1]["rsync_status"] == 23
+    log = Path(line.rsplit("see ", 1)[1])
+    assert "unreadable" in log.read_text()
+    # the file that could not be read is retried: tomorrow compares the whole tree
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    assert history(root)["bins"][-1]["compare"] == "full"
+    assert b"docs/unreadable" in bin_entries(root, history(root)["bins"][-1]["number"])
+
+
+def test_a_source_whiteout_device_is_named_and_exits_3(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    os.mknod(src / "docs" / "zero-zero", 0o020000 | 0o644, os.makedev(0, 0))
+    proc = squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=3)
+    assert "could not be backed up" in one_line(proc)
+    assert "zero-zero" in Path(one_line(proc).rsplit("see ", 1)[1]).read_text()
+
+
+def test_clock_going_backwards_is_refused(tree: tuple[Path, Path]) -> None:
+    _, root = tree
+    before = history(root)
+    assert "before the newest backup" in one_line(squashfu("-r", root, "backup", now="2026-11-01T02:00", expect=2))
+    assert history(root) == before
+
+
+# ------------------------------------------------------------- list
+
+
+def test_list_shows_every_layer_with_totals(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("x" * 100_000)
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    data = json.loads(squashfu("-r", root, "list", "--json").stdout)
+    assert [layer["layer"] for layer in data["layers"]] == ["seed", 1, 2]
+    assert [layer["weekday"] for layer in data["layers"]] == ["mon", "tue", "wed"]
+    assert [layer["view"] for layer in data["layers"]] == ["2026-11-02", "2026-11-03", "2026-11-04"]
+    assert data["layers"][0]["files"] == 3, "the seed holds docs, docs/a.txt and docs/b.txt"
+    assert data["layers"][1]["files"] == 1 and data["layers"][2]["files"] == 0
+    t = data["totals"]
+    assert t["all"] == t["seed"] + t["incrementals"] and t["incrementals"] >= 100_000 and t["bins"] == 2
+    text = squashfu("-r", root, "list").stdout
+    assert "2026-11-03" in text and "total: seed" in text and "wed" in text
+
+
+# ------------------------------------------------------------- rollback
+
+
+def test_rollback_is_read_only_and_umount_leaves_nothing(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("tuesday\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    mp = scratch / "mp"
+    with rolled_back(root, "mon", mp):
+        assert (mp / "docs" / "a.txt").read_text() == "alpha\n"
+        for attempt in (lambda: (mp / "new").write_text("x"), lambda: (mp / "docs" / "a.txt").unlink(),
+                        lambda: os.chmod(mp / "docs", 0o700), lambda: (mp / "d").mkdir()):
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS
+        assert len(mounts.mounts_below(root / ".rollbacks")) == 1  # its private seed mount
+    assert not mounts.mounts_below(root) and not mounts.is_mounted(mp)
+    assert not [p for p in (root / ".rollbacks").iterdir()]
+
+
+def test_rollback_refusals(tree: tuple[Path, Path], scratch: Path) -> None:
+    _, root = tree
+    (scratch / "full").mkdir()
+    (scratch / "full" / "x").write_text("x")
+    assert "valid views: 2026-11-02, mon, latest, seed" in one_line(
+        squashfu("-r", root, "rollback", "wed", scratch / "full", expect=2))
+    assert "not empty" in one_line(squashfu("-r", root, "rollback", "mon", scratch / "full", expect=2))
+    assert "inside the backup root" in one_line(squashfu("-r", root, "rollback", "mon", root / "rw", expect=2))
+    assert not mounts.mounts_below(root)
+
+
+def test_resquash_refuses_while_a_rollback_uses_its_bins(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("min_bins = 7", "min_bins = 1"))
+    for day in (3, 4, 5):
+        (src / "docs" / "a.txt").write_text(f"day {day}\n")
+        os.utime(src / "docs" / "a.txt", (day * 86400, day * 86400))  # rsync's quick check: size + mtime
+        squashfu("-r", root, "backup", now=f"2026-11-0{day}T02:00")
+    with rolled_back(root, "tue", scratch / "mp"):
+        proc = squashfu("-r", root, "resquash", expect=1)
+        assert "uses bins" in one_line(proc) and "squashfu umount" in proc.stderr
+        assert len(history(root)["bins"]) == 3
+        # a nightly backup still commits, and says once why retention waits
+        (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("max_bins = 14",
+                                                                                          "max_bins = 3"))
+        proc = squashfu("-r", root, "backup", now="2026-11-06T02:00")
+        assert "retention postponed" in one_line(proc) and len(history(root)["bins"]) == 4
+    (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("max_bins = 3",
+                                                                                      "max_bins = 14"))
+    squashfu("-r", root, "resquash")
+    h = history(root)
+    assert [b["number"] for b in h["bins"]] == [4] and h["seed"]["absorbed"] == [1, 2, 3]
+    assert sorted(os.listdir(root / "bins")) == ["4"]
+    with rolled_back(root, "2026-11-05", scratch / "mp") as mp:
+        assert (mp / "docs" / "a.txt").read_text() == "day 5\n"
+
+
+# ------------------------------------------------------------- restore and diff
+
+
+def test_restore_a_path_never_deletes_without_delete(tree: tuple[Path, Path], scratch: Path) -> None:
+    _, root = tree
+    target = scratch / "target"
+    (target / "docs").mkdir(parents=True)
+    (target / "docs" / "mine.txt").write_text("not in the backup\n")
+    squashfu("-r", root, "restore", "mon", "docs", "--to", target)
+    assert (target / "docs" / "a.txt").read_text() == "alpha\n"
+    assert (target / "docs" / "mine.txt").exists()
+    squashfu("-r", root, "restore", "latest", "docs/", "--to", target / "docs", "--delete")
+    assert sorted(os.listdir(target / "docs")) == ["a.txt", "b.txt"]
+    assert not mounts.mounts_below(root)
+
+
+def test_restore_onto_a_filesystem_without_xattrs_exits_3(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    os.setxattr(src / "docs" / "a.txt", b"user.tag", b"1")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    ram = scratch / "ram"
+    ram.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", ram], check=True)
+    try:
+        proc = squashfu("-r", root, "restore", "latest", "docs", "--to", ram, expect=3)
+        assert "some files could not be copied" in one_line(proc)
+        assert (ram / "docs" / "a.txt").read_text() == "alpha\n"
+    finally:
+        mounts.unmount(ram)
+    assert not mounts.mounts_below(root)
+
+
+def test_restore_refusals(tree: tuple[Path, Path], scratch: Path) -> None:
+    _, root = tree
+    assert "inside the backup root" in one_line(
+        squashfu("-r", root, "restore", "mon", "--to", root / "out", expect=2))
+    assert "does not exist" in one_line(squashfu("-r", root, "restore", "mon", "nope", "--to", scratch / "t",
+                                                 expect=2))
+    assert not mounts.mounts_below(root)
+
+
+def test_diff_lists_what_changed_between_two_days(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("tuesday\n")
+    (src / "docs" / "b.txt").unlink()
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    lines = squashfu("-r", root, "diff", "mon", "tue").stdout.splitlines()
+    assert any(ln.startswith(">f") and ln.endswith(" docs/a.txt") for ln in lines), lines
+    assert any(ln.startswith("*deleting") and ln.endswith(" docs/b.txt") for ln in lines), lines
+    assert not mounts.mounts_below(root)
+
+
+# ------------------------------------------------------------- the change manifest
+
+
+def test_manifest_is_used_and_falls_back_when_it_cannot_be_trusted(tree: tuple[Path, Path]) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("monday night\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert history(root)["bins"][-1]["compare"] == "manifest"
+    (root / ".manifest").unlink()  # lost cache: compare everything, then trust the new one
+    (src / "docs" / "b.txt").write_text("tuesday night, longer\n")
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    assert history(root)["bins"][-1]["compare"] == "full"
+    assert sorted(bin_entries(root, 2)) == [b"docs", b"docs/b.txt"]
+    squashfu("-r", root, "backup", now="2026-11-05T02:00")
+    assert history(root)["bins"][-1]["compare"] == "manifest" and bin_entries(root, 3) == []
+    text = (root / "squashfu.toml").read_text().replace('excludes = ["*.tmp"]', 'excludes = ["*.tmp", "- odd"]')
+    (root / "squashfu.toml").write_text(text)  # a pattern the scan does not model: rsync decides
+    squashfu("-r", root, "backup", now="2026-11-06T02:00")
+    assert history(root)["bins"][-1]["compare"] == "full"
+
+
+def test_manifest_sees_metadata_only_changes(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    a = src / "docs" / "a.txt"
+    before = a.stat()
+    os.chmod(a, 0o600)
+    os.setxattr(a, b"user.tag", b"1")
+    os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert history(root)["bins"][-1]["compare"] == "manifest"
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        st = (mp / "docs" / "a.txt").stat()
+        assert st.st_mode & 0o777 == 0o600 and os.getxattr(mp / "docs" / "a.txt", b"user.tag") == b"1"
+
+
+def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path) -> None:
+    """The changed list can name a file that is gone by the time rsync looks: skip it quietly."""
+    from squashfu_fs import rsync
+
+    src, dst = scratch / "src", scratch / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "here").write_text("x\n")
+    listing = scratch / "changed"
+    listing.write_bytes(b"here\0gone-since-the-walk\0")
+    result = rsync.run(rsync.changed_args(src, dst, (), listing))
+    assert result.status == rsync.OK and (dst / "here").read_text() == "x\n"
+
+
+# ------------------------------------------------------------- POSIX ACLs
+
+
+def acl_of(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, b"system.posix_acl_access")
+    except OSError:
+        return None
+
+
+def test_acls_the_seed_cannot_hold_are_reported_and_stored_by_the_next_backup(scratch: Path) -> None:
+    src, root = scratch / "src", scratch / "root"
+    src.mkdir()
+    (src / "shared.txt").write_text("for the group\n")
+    (src / "plain.txt").write_text("no acl\n")
+    subprocess.run(["setfacl", "-m", "u:1234:rw", src / "shared.txt"], check=True)
+    squashfu("init", root, "--source", src)
+    proc = squashfu("-r", root, "backup", now="2026-11-02T02:00", expect=3)
+    assert "cannot store the POSIX ACLs of 1 entries" in one_line(proc)
+    assert b"shared.txt" in Path(one_line(proc).rsplit("see ", 1)[1]).read_bytes()
+    quiet = squashfu("-r", root, "backup", now="2026-11-03T02:00")  # repairs it: exit 0, silent
+    assert quiet.stderr == ""
+    assert b"shared.txt" in bin_entries(root, 1) and b"plain.txt" not in bin_entries(root, 1)
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert acl_of(mp / "shared.txt") == acl_of(src / "shared.txt") is not None
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    assert bin_entries(root, 2) == [], "a stored ACL must not be stored again"
+    restored = scratch / "restored"
+    squashfu("-r", root, "restore", "latest", "--to", restored)
+    assert acl_of(restored / "shared.txt") == acl_of(src / "shared.txt")
+
+
+def test_a_resquash_that_drops_acls_says_so_and_the_next_backup_restores_them(scratch: Path) -> None:
+    src, root = scratch / "src", scratch / "root"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    squashfu("init", root, "--source", src, "--max-bins", "2", "--min-bins", "1")
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    subprocess.run(["setfacl", "-m", "u:1234:r", src / "f"], check=True)
+    for day in (3, 4):
+        squashfu("-r", root, "backup", now=f"2026-11-0{day}T02:00")
+    proc = squashfu("-r", root, "backup", now="2026-11-05T02:00")  # 3 bins > 2: resquash
+    assert "cannot store the POSIX ACLs of 1 entries" in proc.stderr
+    assert history(root)["seed"]["absorbed"] == [1, 2]
+    squashfu("-r", root, "backup", now="2026-11-06T02:00")
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert acl_of(mp / "f") == acl_of(src / "f") is not None
+
+
+def test_the_history_mounted_inside_the_source_is_not_backed_up(tree: tuple[Path, Path], scratch: Path) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("changed\n")
+    with fuse_mounted(root, src / "backups"), rolled_back(root, "mon", src / "rb"):
+        proc = squashfu("-r", root, "backup", "-v", now="2026-11-03T02:00")
+        assert "leaving out squashfu's own mounts: /backups/, /rb/" in proc.stderr
+    entries = bin_entries(root, 1)
+    assert b"docs/a.txt" in entries
+    assert not [e for e in entries if e.startswith((b"backups/", b"rb/"))], entries

@@ -1,0 +1,329 @@
+"""A real time-travel mount in a subprocess, driven by ordinary file calls.
+
+The history is built by hand, the way the backup builds it: the seed through a
+staging overlay upper squashed with mksquashfs, every night a kernel overlay
+mount with the older layers as lowers and a fresh bin as upper, changed with
+the backup tests' own generator. Every view of the FUSE mount must equal,
+entry by entry, what the kernel's overlayfs shows for the same layers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from squashfu_fs import history as history_mod
+from squashfu_fs import mounts
+from squashfu_fs.history import Bin, History, Seed
+from squashfu_fs.layout import RootLayout
+from squashfu_fs.mountd import daemon_pid, state_dir
+from squashfu_fs.views import ViewTable
+
+from .conftest import force_unmount
+from .harness import fuse_mounted as mounted
+from .harness import squashfu
+from .treegen import build_initial, differences, mutate, snapshot
+
+pytestmark = pytest.mark.mounts
+
+CLI = [sys.executable, "-m", "squashfu_fs.cli"]
+START = datetime(2026, 11, 2, 2, 0).astimezone()  # a Monday
+
+
+def night_times(count: int) -> list[datetime]:
+    """Daily backups at 02:00, with a second backup on the third day at 14:00."""
+    out = []
+    day = START
+    for n in range(count):
+        out.append(day)
+        day = day.replace(hour=14) if n == 2 else (day + timedelta(days=1)).replace(hour=2)
+    return out
+
+
+class HandMade:
+    """A backup root built with the kernel's own overlayfs, one night at a time."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.layout = RootLayout(self.root)
+        for d in self.layout.skeleton():
+            d.mkdir(parents=True, exist_ok=True)
+        self.history = History()
+        self.expected: dict[str, Any] = {}  # dated view -> snapshot taken through overlay that night
+
+    def make_seed(self, when: datetime) -> None:
+        staging, rw = self.layout.staging, self.layout.rw
+        staging.mkdir()
+        (self.layout.work / "seed").mkdir()
+        mounts.mount_overlay(rw, [".empty"], upper=".staging", work=".work/seed", cwd=self.root)
+        try:
+            build_initial(os.fsencode(rw))
+            self.expected[when.strftime("%Y-%m-%d")] = snapshot(os.fsencode(rw))
+        finally:
+            mounts.unmount(rw)
+        subprocess.run(["mksquashfs", staging, self.layout.seed("seed.sfs"), "-noappend", "-quiet",
+                        "-comp", "zstd", "-Xcompression-level", "3"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", staging, self.layout.work / "seed"], check=True)
+        self.history = History(seed=Seed(file="seed.sfs", generation=1, time=when.isoformat(),
+                                         created=when.isoformat()), generation=1)
+        history_mod.save(self.layout.history, self.history)
+
+    def add_night(self, night: int, when: datetime) -> None:
+        number = self.history.next_bin
+        upper = self.layout.bin(number)
+        upper.mkdir()
+        work = self.layout.work / str(number)
+        work.mkdir()
+        assert self.history.seed is not None
+        mounts.mount_squashfs(self.layout.seed(self.history.seed.file), self.layout.ro)
+        try:
+            lowers = [self.layout.bin_rel(b.number) for b in reversed(self.history.bins)] + ["ro"]
+            mounts.mount_overlay(self.layout.rw, lowers, upper=self.layout.bin_rel(number),
+                                 work=f".work/{number}", cwd=self.root)
+            try:
+                mutate(os.fsencode(self.layout.rw), night)
+                self.expected[when.strftime("%Y-%m-%d")] = snapshot(os.fsencode(self.layout.rw))
+            finally:
+                mounts.unmount(self.layout.rw)
+        finally:
+            mounts.unmount(self.layout.ro)
+        subprocess.run(["rm", "-rf", work], check=True)
+        self.history = self.history.with_bin(Bin(number, when.isoformat(), 1.0, 0, 0, 0))
+        history_mod.save(self.layout.history, self.history)
+
+    @contextmanager
+    def kernel_view(self, name: str) -> Iterator[Path]:
+        """The same state through the kernel: a read-only overlay of the same layers."""
+        spec = ViewTable.from_history(self.history).resolve(name)
+        assert self.history.seed is not None
+        seed_mp = self.base / "kseed"
+        view_mp = self.base / "kview"
+        seed_mp.mkdir(exist_ok=True)
+        view_mp.mkdir(exist_ok=True)
+        mounts.mount_squashfs(self.layout.seed(self.history.seed.file), seed_mp)
+        try:
+            # The seed alone goes over an empty layer too: a read-only overlay needs two
+            # lowers, and only overlay unescapes the seed's trusted.overlay.overlay.* xattrs.
+            lowers = [self.layout.bin_rel(n) for n in spec.bins]
+            lowers += [os.path.relpath(seed_mp, self.root), ".empty"]
+            mounts.mount_overlay(view_mp, lowers, cwd=self.root)
+            try:
+                yield view_mp
+            finally:
+                mounts.unmount(view_mp)
+        finally:
+            mounts.unmount(seed_mp)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandMade]:
+    base = tmp_path_factory.mktemp("history")
+    h = HandMade(base)
+    try:
+        times = night_times(9)
+        h.make_seed(times[0])
+        for night, when in enumerate(times[1:], start=1):
+            h.add_night(night, when)
+        yield h
+    finally:
+        force_unmount(base)
+        assert not mounts.mounts_below(base)
+
+
+def fullstat(top: bytes) -> dict[bytes, tuple[Any, ...]]:
+    """What ``ls -l``, ``du`` and ``find`` see, beyond the snapshot: blocks, links, ns times."""
+    out: dict[bytes, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, top)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_blocks,
+                                               st.st_nlink, st.st_mtime_ns, st.st_rdev)
+    return out
+
+
+def test_every_view_equals_the_kernel_overlay(made: HandMade, scratch: Path) -> None:
+    table = ViewTable.from_history(made.history)
+    with mounted(made.root, scratch / "mp") as mp:
+        names = sorted(os.listdir(mp))
+        assert names == sorted(table.names())
+        assert len(table.dated) == 8 and set(table.links) >= {"mon", "tue", "wed", "thu", "fri", "sat", "sun"}
+        for link, target in table.links.items():
+            assert os.readlink(mp / link) == target
+            assert stat.S_ISLNK(os.lstat(mp / link).st_mode)
+        for name in [*table.dated, "seed"]:
+            fuse_view = os.fsencode(mp / name)
+            got = snapshot(fuse_view)
+            if name in made.expected:
+                diff = differences(made.expected[name], got)
+                assert not diff, (name, diff)
+            with made.kernel_view(name) as kernel:
+                want = snapshot(os.fsencode(kernel))
+                assert not differences(want, got), (name, differences(want, got))
+                k_full, f_full = fullstat(os.fsencode(kernel)), fullstat(fuse_view)
+                assert k_full.keys() == f_full.keys()
+                bad = {p: (k_full[p], f_full[p]) for p in k_full if k_full[p] != f_full[p]}
+                assert not bad, (name, list(bad.items())[:5])
+                top_k, top_f = os.stat(kernel), os.stat(fuse_view)
+                assert (top_k.st_mode, top_k.st_uid, top_k.st_mtime_ns) == (
+                    top_f.st_mode, top_f.st_uid, top_f.st_mtime_ns)
+            assert len(got[0]) > 100
+        # weekday links and latest lead into the same trees as the dated names
+        assert snapshot(os.fsencode(mp / "latest")) == snapshot(os.fsencode(mp / table.links["latest"]))
+        # hard links share an inode number within a view (and du counts them once)
+        bob = mp / next(iter(table.dated)) / "home" / "bob"
+        assert os.stat(bob / "linked").st_ino == os.stat(bob / "linked-2").st_ino
+        # statfs answers; xattrs absent on a name cost nothing but ENODATA
+        assert os.statvfs(mp).f_namemax == 255
+        with pytest.raises(OSError) as info:
+            os.getxattr(bob / "linked", "user.absent")
+        assert info.value.errno == errno.ENODATA
+
+
+def test_every_write_fails_with_erofs(made: HandMade, scratch: Path) -> None:
+    with mounted(made.root, scratch / "mp") as mp:
+        view = mp / "latest"
+        f = view / "home" / "bob" / "linked"
+        attempts = {
+            "open for writing": lambda: os.open(f, os.O_WRONLY),
+            "open O_RDWR": lambda: os.open(f, os.O_RDWR),
+            "truncate": lambda: os.truncate(f, 0),
+            "create": lambda: os.open(view / "new", os.O_CREAT | os.O_WRONLY, 0o644),
+            "mkdir": lambda: os.mkdir(view / "newdir"),
+            "mkdir in root": lambda: os.mkdir(mp / "2030-01-01"),
+            "unlink": lambda: os.unlink(f),
+            "rmdir": lambda: os.rmdir(view / "home" / "alice" / "docs"),
+            "rename": lambda: os.rename(f, view / "moved"),
+            "chmod": lambda: os.chmod(f, 0o777),
+            "chown": lambda: os.chown(f, 1, 1),
+            "utime": lambda: os.utime(f, (0, 0)),
+            "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+            "removexattr": lambda: os.removexattr(view / "home" / "bob" / "xattrs", "user.colour"),
+            "symlink": lambda: os.symlink("x", view / "sl"),
+            "link": lambda: os.link(f, view / "hl"),
+            "mknod": lambda: os.mkfifo(view / "fifo2"),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(OSError) as info:
+                attempt()
+            assert info.value.errno == errno.EROFS, f"{what}: {info.value}"
+
+
+def test_eight_parallel_readers_agree(made: HandMade, scratch: Path) -> None:
+    table = ViewTable.from_history(made.history)
+    with mounted(made.root, scratch / "mp") as mp:
+        views = [*table.dated, "seed"][:8]
+        results: dict[int, Any] = {}
+        errors: list[BaseException] = []
+
+        def read(i: int) -> None:
+            try:
+                snap = snapshot(os.fsencode(mp / views[i]))
+                results[i] = snap
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(views))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for i, name in enumerate(views):
+            want = made.expected.get(name) or snapshot(os.fsencode(mp / name))
+            assert not differences(want, results[i]), (name, differences(want, results[i]))
+
+
+def test_a_new_commit_appears_within_two_seconds(tmp_path: Path, scratch: Path) -> None:
+    h = HandMade(tmp_path)
+    times = night_times(3)
+    h.make_seed(times[0])
+    h.add_night(2, times[1])
+    with mounted(h.root, scratch / "mp") as mp:
+        names = os.listdir(mp)
+        assert "2026-11-03" in names and "2026-11-04" not in names
+        opened = open(mp / "latest" / "big.bin", "rb")  # noqa: SIM115 - kept open across the commit
+        try:
+            head = opened.read(1000)
+            os.stat(mp / "2026-11-03" / "home")
+            h.add_night(4, times[2])  # a commit while mounted and being read
+            t0 = time.monotonic()
+            while "2026-11-04" not in os.listdir(mp):
+                assert time.monotonic() - t0 < 2.0, "the new day did not appear within 2 s"
+                time.sleep(0.05)
+            while os.readlink(mp / "latest") != "2026-11-04":
+                assert time.monotonic() - t0 < 2.0, "latest did not move within 2 s"
+                time.sleep(0.05)
+            assert os.readlink(mp / "wed") == "2026-11-04"
+            assert not os.path.exists(mp / "2026-11-04" / "doomed-dir")  # night 4 deleted it
+            rest = opened.read()
+            with open(mp / "2026-11-03" / "big.bin", "rb") as again:
+                assert head + rest == again.read()
+        finally:
+            opened.close()
+
+
+def test_umount_clears_a_mount_whose_daemon_was_killed(made: HandMade, scratch: Path) -> None:
+    mp = scratch / "mp"
+    with mounted(made.root, mp):
+        pid = daemon_pid(mp)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if daemon_pid(mp) is None:
+                break
+            time.sleep(0.02)
+        with pytest.raises(OSError) as info:
+            os.listdir(mp)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the kernel says either
+        assert mounts.mounts_below(state_dir(mp)), "the killed daemon's seed mount should still be there"
+        squashfu("umount", mp)
+        assert not mounts.is_mounted(mp)
+        assert not mounts.mounts_below(state_dir(mp)), "the dead daemon's seed mount is left"
+        assert os.listdir(mp) == []
+
+
+def test_sigterm_unmounts_cleanly(made: HandMade, scratch: Path) -> None:
+    mp = scratch / "mp"
+    with mounted(made.root, mp):
+        pid = daemon_pid(mp)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(250):
+            if daemon_pid(mp) is None and not mounts.is_mounted(mp):
+                break
+            time.sleep(0.02)
+        assert not mounts.is_mounted(mp)
+        assert not mounts.mounts_below(state_dir(mp)) and not state_dir(mp).exists()
+
+
+def test_bad_mountpoints_are_refused_with_one_line(made: HandMade, scratch: Path) -> None:
+    inside = made.root / "inside"
+    inside.mkdir(exist_ok=True)
+    try:
+        full = scratch / "full"
+        full.mkdir()
+        (full / "x").write_text("")
+        for mp, words in ((inside, "inside the backup root"), (full, "not empty"),
+                          (scratch / "missing", "not an existing directory")):
+            proc = squashfu("-r", made.root, "mount", mp, expect=2)
+            assert words in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+            assert not mounts.is_mounted(mp)
+        proc = squashfu("-r", scratch, "mount", scratch / "full", expect=None)
+        assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1
+    finally:
+        inside.rmdir()

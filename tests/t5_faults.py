@@ -1,0 +1,236 @@
+"""Crash safety (DESIGN §5): kill -9 at every step, then the next command recovers.
+
+``SQUASHFU_FAULT=NAME`` makes squashfu SIGKILL its own process group at
+checkpoint NAME, children (rsync, mksquashfs) included, exactly as a power
+cut or an OOM kill would. After each crash the next ``backup`` must succeed
+by itself, every day committed before must read back unchanged, and nothing
+may be left mounted or lying around.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from squashfu_fs import mounts
+
+from .harness import CLI, history, rollback_snapshot, rolled_back, squashfu
+from .treegen import build_initial, differences, mutate, snapshot
+
+pytestmark = pytest.mark.mounts
+
+
+def make_root(scratch: Path, nights: int, max_bins: int = 14, min_bins: int = 7) -> tuple[Path, Path, dict]:
+    src, root = scratch / "src", scratch / "root"
+    src.mkdir()
+    build_initial(os.fsencode(src))
+    squashfu("init", root, "--source", src, "--max-bins", str(max_bins), "--min-bins", str(min_bins))
+    expected = {}
+    for night in range(nights):
+        if night:
+            mutate(os.fsencode(src), night)
+        when = f"2026-11-{night + 2:02d}T02:00"
+        squashfu("-r", root, "backup", now=when)
+        expected[when[:10]] = snapshot(os.fsencode(src))
+    return src, root, expected
+
+
+def crash(root: Path, checkpoint: str, *args: str, now: str, delay: float = 0.0) -> None:
+    proc = squashfu("-r", root, *args, now=now, expect=None,
+                    env={"SQUASHFU_FAULT": checkpoint, "SQUASHFU_FAULT_DELAY": str(delay)})
+    assert proc.returncode == -9, f"expected a SIGKILL at {checkpoint}, got {proc.returncode}: {proc.stderr}"
+
+
+def kill_mid_copy(root: Path, src: Path, now: str) -> None:
+    """kill -9 the backup's process group while rsync is half-way through writing a big file."""
+    (src / "big-new.bin").write_bytes(os.urandom(256 << 20))
+    env = {**os.environ, "SQUASHFU_NOW": now}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = root / "bins" / ".partial-3"
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.is_dir() and any(p.name.startswith(".big-new.bin.") for p in partial.iterdir())):
+            assert proc.poll() is None, "the backup finished before rsync could be caught mid-copy"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert mounts.is_mounted(root / "rw"), "the kill was meant to land while the union was mounted"
+
+
+def assert_intact(root: Path, expected: dict, scratch: Path) -> None:
+    """Every day in history reads back exactly as it was committed."""
+    from squashfu_fs.history import load
+    from squashfu_fs.views import ViewTable
+
+    table = ViewTable.from_history(load(root / "history.json"))
+    for view in table.dated:
+        got = rollback_snapshot(root, view, scratch / "mp")
+        assert not differences(expected[view], got), f"{view}: {differences(expected[view], got)}"
+
+
+def assert_clean(root: Path) -> None:
+    assert not mounts.mounts_below(root), f"mounts left: {mounts.mounts_below(root)}"
+    h = history(root)
+    assert sorted(p.name for p in (root / "bins").iterdir()) == sorted(str(b["number"]) for b in h["bins"])
+    assert [p.name for p in root.glob("seed*")] == [h["seed"]["file"]]
+    assert not list((root / ".work").iterdir())
+    assert not (root / ".staging").exists()
+
+
+@pytest.mark.parametrize("checkpoint", ["rsync-running", "after-rsync", "bin-renamed", "after-commit"])
+def test_kill_during_a_nightly_backup(scratch: Path, checkpoint: str) -> None:
+    src, root, expected = make_root(scratch, nights=3)
+    before = history(root)
+    mutate(os.fsencode(src), 3)
+    if checkpoint == "rsync-running":
+        kill_mid_copy(root, src, now="2026-11-05T02:00")
+    else:
+        crash(root, checkpoint, "backup", now="2026-11-05T02:00")
+    if checkpoint != "after-commit":  # the crash left debris and mounts, and committed nothing
+        assert history(root) == before
+        debris = [p.name for p in (root / "bins").iterdir()]
+        assert ".partial-3" in debris or "3" in debris, debris
+    squashfu("-r", root, "backup", now="2026-11-05T03:00")  # recovers by itself
+    expected["2026-11-05"] = snapshot(os.fsencode(src))
+    assert_clean(root)
+    assert_intact(root, expected, scratch)
+
+
+@pytest.mark.parametrize("checkpoint", ["rsync-running", "after-rsync", "mksquashfs-running", "seed-written"])
+def test_kill_during_the_first_backup(scratch: Path, checkpoint: str) -> None:
+    src, root = scratch / "src", scratch / "root"
+    src.mkdir()
+    build_initial(os.fsencode(src))
+    squashfu("init", root, "--source", src)
+    crash(root, checkpoint, "backup", now="2026-11-02T02:00", delay=0.3)
+    assert history(root)["seed"] is None
+    squashfu("-r", root, "backup", now="2026-11-02T03:00")
+    assert_clean(root)
+    assert_intact(root, {"2026-11-02": snapshot(os.fsencode(src))}, scratch)
+
+
+@pytest.mark.parametrize("checkpoint", ["mksquashfs-running", "seed-written", "after-resquash-commit"])
+def test_kill_during_resquash(scratch: Path, checkpoint: str) -> None:
+    src, root, expected = make_root(scratch, nights=5, max_bins=4, min_bins=2)
+    before = history(root)
+    assert len(before["bins"]) == 4
+    crash(root, checkpoint, "resquash", now="2026-11-07T02:00", delay=0.05)
+    after = history(root)
+    images = sorted(p.name for p in root.glob("seed*"))
+    if checkpoint == "mksquashfs-running":
+        assert images == ["seed.2.sfs.tmp", "seed.sfs"], images
+    elif checkpoint == "seed-written":
+        assert images == ["seed.2.sfs", "seed.sfs"], images
+    if checkpoint == "after-resquash-commit":
+        assert len(after["bins"]) == 2 and after["seed"]["file"] != before["seed"]["file"]
+        # committed: the surviving days are the newest three
+        expected = {k: v for k, v in expected.items() if k >= "2026-11-04"}
+    else:
+        assert after == before
+    squashfu("-r", root, "backup", now="2026-11-07T02:00")
+    expected["2026-11-07"] = snapshot(os.fsencode(src))
+    assert_clean(root)
+    assert_intact(root, expected, scratch)
+
+
+def backup_paused_in_rsync(root: Path, pause: float) -> subprocess.Popen[bytes]:
+    """A backup that holds the lock and its mounts for ``pause`` seconds once rsync has started."""
+    env = {**os.environ, "SQUASHFU_FAULT": "rsync-running", "SQUASHFU_FAULT_DELAY": str(pause),
+           "SQUASHFU_NOW": "2026-11-03T02:00"}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not mounts.is_mounted(root / "rw"):
+        assert time.monotonic() < deadline and proc.poll() is None, "the backup never mounted its union"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(scratch: Path) -> None:
+    src, root, _ = make_root(scratch, nights=1)
+    mutate(os.fsencode(src), 1)
+    first = backup_paused_in_rsync(root, pause=4)
+    try:
+        started = time.monotonic()
+        second = squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=1)
+        assert time.monotonic() - started < 3, "the second writer waited instead of failing at once"
+        assert f"pid {first.pid}" in second.stderr and "squashfu backup" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.wait(timeout=30)
+    squashfu("-r", root, "backup", now="2026-11-03T03:00")
+    assert_clean(root)
+
+
+def test_a_full_disk_fails_the_backup_and_commits_nothing(scratch: Path) -> None:
+    """rsync failing mid-way (ENOSPC) must leave the committed state exactly as it was."""
+    image, disk = scratch / "disk.img", scratch / "disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, disk], check=True)
+    try:
+        src, root = scratch / "src", disk / "root"
+        src.mkdir()
+        (src / "small").write_text("fits\n")
+        squashfu("init", root, "--source", src)
+        squashfu("-r", root, "backup", now="2026-11-02T02:00")
+        before = history(root)
+        (src / "huge").write_bytes(os.urandom(40 << 20))  # does not fit
+        proc = squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=1)
+        assert "rsync failed" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert history(root) == before
+        assert os.listdir(root / "bins") == [], "the failed bin was left behind"
+        assert not mounts.mounts_below(root)
+        (src / "huge").unlink()
+        (src / "small").write_text("fits, changed\n")
+        squashfu("-r", root, "backup", now="2026-11-03T03:00")
+        with rolled_back(root, "latest", scratch / "mp") as mp:
+            assert (mp / "small").read_text() == "fits, changed\n"
+    finally:
+        mounts.unmount(disk)
+
+
+def test_a_missing_source_commits_nothing(scratch: Path) -> None:
+    src, root, _ = make_root(scratch, nights=2)
+    before = history(root)
+    os.rename(src, scratch / "gone")
+    proc = squashfu("-r", root, "backup", now="2026-11-05T02:00", expect=2)
+    assert "missing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert history(root) == before
+    assert not mounts.mounts_below(root)
+
+
+def test_a_killed_restore_leaves_nothing_that_blocks_retention(scratch: Path) -> None:
+    _, root, _ = make_root(scratch, nights=4, min_bins=1)
+    crash(root, "rsync-running", "restore", "2026-11-03", "--to", str(scratch / "out"), now="2026-11-06T02:00")
+    assert mounts.mounts_below(root / ".rollbacks"), "the kill was meant to land while the view was mounted"
+    squashfu("-r", root, "resquash")  # recovery takes the dead restore's mounts down first
+    assert not mounts.mounts_below(root)
+    assert history(root)["seed"]["absorbed"] == [1, 2]
+    assert not [p for p in (root / ".rollbacks").iterdir()]
+
+
+def test_sigterm_during_a_backup_takes_every_mount_down(scratch: Path) -> None:
+    src, root, _ = make_root(scratch, nights=1)
+    before = history(root)
+    mutate(os.fsencode(src), 1)
+    proc = backup_paused_in_rsync(root, pause=30)
+    try:
+        proc.terminate()  # what systemd does on stop or timeout
+        assert proc.wait(timeout=20) == 128 + 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert not mounts.mounts_below(root), "SIGTERM left mounts behind"
+    assert history(root) == before
+    assert not [p for p in (root / "bins").iterdir()], "the partial bin was left behind"
