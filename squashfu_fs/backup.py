@@ -260,23 +260,19 @@ def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | lis
 def overlay_union(layout: RootLayout, lowers: list[str], *, upper: str, work: Path) -> Iterator[Path]:
     """The writable union on ``rw/``, always unmounted and its workdir removed afterwards."""
     work.mkdir(parents=True, exist_ok=True)
-    mounts.mount_overlay(layout.rw, lowers, upper=upper,
-                         work=os.path.relpath(work, layout.root), cwd=layout.root)
     try:
-        yield layout.rw
+        with mounts.overlay_mounted(layout.rw, lowers, upper=upper,
+                                    work=os.path.relpath(work, layout.root), cwd=layout.root):
+            yield layout.rw
     finally:
-        mounts.unmount(layout.rw)
         recovery.remove(work)
 
 
 @contextmanager
 def seed_mounted(layout: RootLayout, seed: Seed) -> Iterator[Path]:
     """The seed image loop-mounted read-only on ``ro/`` for the length of a block."""
-    mounts.mount_squashfs(layout.seed(seed.file), layout.ro)
-    try:
+    with mounts.squashfs_mounted(layout.seed(seed.file), layout.ro):
         yield layout.ro
-    finally:
-        mounts.unmount(layout.ro)
 
 
 def committed_lowers(layout: RootLayout, history: History) -> list[str]:
@@ -451,9 +447,6 @@ def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
         lowers = committed_lowers(layout, history)
         if len(lowers) < 2:  # a read-only overlay needs two lower layers
             lowers.append(os.path.relpath(layout.empty, layout.root))
-        mounts.mount_overlay(layout.rw, lowers, cwd=layout.root)
-        try:
+        with mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
             rsync.run(rsync.backup_args(source, layout.rw, config.excludes, dry_run=True), echo_items=True)
-        finally:
-            mounts.unmount(layout.rw)
 

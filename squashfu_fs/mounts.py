@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,34 @@ def mount_overlay(target: Path, lowers: Sequence[str], *, upper: str | None = No
         raise SquashfuError(f"{len(lowers)} layers do not fit overlay's one-page option string")
     run(["mount", "-t", "overlay", "overlay", "-o", option_string, os.path.abspath(target)],
         cwd=cwd, what=f"mounting the overlay on {target}")
+
+
+@contextmanager
+def squashfs_mounted(image: Path, target: Path) -> Iterator[Path]:
+    """The image loop-mounted on ``target`` for the length of a block."""
+    with _held(target, lambda: mount_squashfs(image, target)):
+        yield target
+
+
+@contextmanager
+def overlay_mounted(target: Path, lowers: Sequence[str], *, upper: str | None = None,
+                    work: str | None = None, cwd: Path) -> Iterator[Path]:
+    """An overlay on ``target`` (see :func:`mount_overlay`) for the length of a block."""
+    with _held(target, lambda: mount_overlay(target, lowers, upper=upper, work=work, cwd=cwd)):
+        yield target
+
+
+@contextmanager
+def _held(target: Path, mount: Callable[[], None]) -> Iterator[None]:
+    # The mount runs inside the try: a SIGTERM or Ctrl-C that lands while the
+    # mount command is running (the mount may already exist) still takes it down.
+    if is_mounted(target):
+        raise SquashfuError(f"{target} is already a mount point; another squashfu may be using it")
+    try:
+        mount()
+        yield
+    finally:
+        unmount(target)
 
 
 def _escape_layer(name: str) -> str:

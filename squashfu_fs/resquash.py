@@ -68,17 +68,16 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     acl_paths = sorted({p for n in absorb for p in scan_layer(layout.bin(n), source=Path(config.source)).acl_paths})
     lowers = [layout.bin_rel(n) for n in reversed(absorb)] + ["ro"]
     with seed_mounted(layout, old_seed):
-        mounts.mount_overlay(layout.merged, lowers, cwd=layout.root)
         try:
-            if escaped:
-                # A read-only union shows escaped xattrs unescaped; re-escape them by
-                # copying through a staging upper layer, as the first seed was made.
-                stage_tree(layout, layout.merged, (), progress=progress, log=None)
-                squash.make_image(layout.staging, tmp, config, progress=progress)
-            else:
-                squash.make_image(layout.merged, tmp, config, progress=progress)
+            with mounts.overlay_mounted(layout.merged, lowers, cwd=layout.root):
+                if escaped:
+                    # A read-only union shows escaped xattrs unescaped; re-escape them by
+                    # copying through a staging upper layer, as the first seed was made.
+                    stage_tree(layout, layout.merged, (), progress=progress, log=None)
+                    squash.make_image(layout.staging, tmp, config, progress=progress)
+                else:
+                    squash.make_image(layout.merged, tmp, config, progress=progress)
         finally:
-            mounts.unmount(layout.merged)
             recovery.remove(layout.staging)
     name = RootLayout.seed_name(generation)
     os.replace(tmp, layout.seed(name))
