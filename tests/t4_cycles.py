@@ -170,9 +170,8 @@ def test_a_resquash_waits_for_mounted_views_before_deleting_bins(scratch: Path) 
 
         pid = daemon_pid(mp)
         assert pid is not None
-        started = time.monotonic()
-        squashfu("-r", root, "resquash", "-v")  # a live daemon: it catches up in well under 3 s
-        assert time.monotonic() - started < 3
+        proc = squashfu("-r", root, "resquash", "-v")  # a live daemon catches up well within the 3 s wait
+        assert "did not catch up" not in proc.stderr, proc.stderr
         assert not readers.lagging(root, history(root)["generation"])
         (src / "f").write_text("night 4, longer than the others\n")
         squashfu("-r", root, "backup", now="2026-11-06T02:00")
