@@ -257,7 +257,7 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
 
     state = state_dir(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
-        state.mkdir(parents=True, exist_ok=True)
+        readers.make_state_dir(state)
         stack.callback(shutil.rmtree, state, True)
         seeds = SeedMounts(layout, state / "seeds")
         seeds.clear()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
+from .errors import SquashfuError
 from .history import atomic_write
 from .system import process_start_time
 
@@ -27,6 +29,21 @@ def state_root() -> Path:
         return Path("/run/squashfu")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return Path(runtime) / "squashfu" if runtime else Path(f"/tmp/squashfu-{os.getuid()}")
+
+
+def make_state_dir(state: Path) -> None:
+    """Create a daemon's directory below a state root that only this user can write.
+
+    A normal user's root may sit in /tmp, where anyone could have made it
+    first, or made it a symlink; its seed mounts and pid file must not be
+    steered elsewhere.
+    """
+    home = state.parent
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(home)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise SquashfuError(f"{home} is not a private directory of this user; remove it and try again")
+    state.mkdir(mode=0o700, exist_ok=True)
 
 
 def acknowledge(state: Path, root: Path, generation: int) -> None:
@@ -63,5 +80,5 @@ def wait_for(root: Path, generation: int, timeout: float = 3.0) -> list[int]:
 
 
 def _state_dirs() -> list[Path]:
-    homes = [Path("/run/squashfu"), *Path("/run/user").glob("*/squashfu")]
+    homes = [Path("/run/squashfu"), *Path("/run/user").glob("*/squashfu"), *Path("/tmp").glob("squashfu-*")]
     return [d for home in homes if home.is_dir() for d in home.iterdir() if d.is_dir()]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import clock, config, history, views
-from squashfu_fs.errors import ConfigError, CorruptRootError, LockedError, UnknownViewError, UsageError
+from squashfu_fs import clock, config, history, readers, views
+from squashfu_fs.errors import ConfigError, CorruptRootError, LockedError, SquashfuError, UnknownViewError, UsageError
 from squashfu_fs.history import Bin, History, Seed
 from squashfu_fs.layout import RootLayout
 from squashfu_fs.lock import writer_lock
@@ -180,3 +180,26 @@ def test_second_writer_is_refused_naming_the_first(tmp_path: Path) -> None:
         pass
     with writer_lock(lock, "resquash"):  # released on exit
         pass
+
+
+def test_a_daemon_state_root_must_be_private(tmp_path: Path) -> None:
+    fresh = tmp_path / "squashfu-1" / "abc"
+    readers.make_state_dir(fresh)
+    assert fresh.is_dir() and (fresh.parent.stat().st_mode & 0o777) == 0o700
+    readers.make_state_dir(fresh)  # a second daemon, or a restart, is fine
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    steered = tmp_path / "steered"
+    steered.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    homes = [open_to_all, steered]
+    if os.geteuid() == 0:  # only root can give a directory away
+        someone_else = tmp_path / "theirs"
+        someone_else.mkdir(mode=0o700)
+        os.chown(someone_else, 65534, 65534)
+        homes.append(someone_else)
+    for home in homes:
+        with pytest.raises(SquashfuError, match="not a private directory"):
+            readers.make_state_dir(home / "abc")
+        assert not (home / "abc").exists()
