@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import changes, clock, faults, mounts, recovery, rsync, squash, unionfix
+from . import changes, clock, faults, layerstack, mounts, recovery, rsync, squash, unionfix
 from . import config as config_mod
 from . import history as history_mod
 from .config import Config
@@ -35,6 +35,7 @@ from .system import require, require_root
 
 log = logging.getLogger(__name__)
 ESCAPED_PREFIX = "trusted.overlay.overlay."
+OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 # ---------------------------------------------------------------- init
@@ -98,6 +99,7 @@ class LayerScan:
     escaped_xattrs: bool  # holds a source's own trusted.overlay.* xattr
     whiteout_devices: tuple[bytes, ...]  # 0:0 devices that came from the source
     acl_paths: tuple[bytes, ...]  # entries carrying POSIX ACLs, which SquashFS cannot store
+    opaque_dirs: tuple[bytes, ...] = ()  # directories overlay marked opaque (trusted.overlay.opaque=y)
 
 
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
@@ -313,6 +315,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
         raise
     faults.checkpoint("after-rsync")
     scan = scan_layer(partial, source=Path(config.source))
+    record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
     syncfs(partial)
     os.rename(partial, layout.bin(number))
     fsync_dir(layout.bins)
@@ -393,6 +396,7 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
     escaped = False
     devices: list[bytes] = []
     acls: list[bytes] = []
+    opaque: list[bytes] = []
     top_b = os.fsencode(top)
     stack = [top_b]
     while stack:
@@ -409,6 +413,8 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
                     acls.append(os.path.relpath(entry.path, top_b))
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
+                    if OPAQUE_XATTR in names and layerstack.is_opaque(entry.path):
+                        opaque.append(os.path.relpath(entry.path, top_b))
                     continue
                 files += 1
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
@@ -420,7 +426,13 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
                             devices.append(relative)
                     except FileNotFoundError:
                         pass
-    return LayerScan(files, used, escaped, tuple(devices), tuple(sorted(acls)))
+    return LayerScan(files, used, escaped, tuple(devices), tuple(sorted(acls)), tuple(sorted(opaque)))
+
+
+def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None:
+    """List bin N's opaque directories beside it, for readers that cannot see trusted xattrs."""
+    if scan.opaque_dirs:
+        layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
 
 
 def syncfs(path: Path) -> None:

@@ -7,6 +7,11 @@ name below it; a whiteout or a non-directory met under a directory ends that
 directory's merge; an opaque directory stops the merge below it; the topmost
 non-directory wins. Names are bytes throughout, and nothing here imports
 pyfuse3, so the logic is tested on ordinary directories.
+
+Only root can read ``trusted.overlay.opaque``. So that a normal user's daemon
+(which reads the seed through squashfuse) still stops the merge where overlay
+would, a backup also lists each bin's opaque directories in an *opaque record*
+beside it (``bins/N.opaque``), and a stack consults both.
 """
 
 from __future__ import annotations
@@ -137,8 +142,35 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_opaque(path: bytes) -> bool:
+def opaque_marks(records: Iterable[tuple[bytes, Sequence[bytes]]]) -> frozenset[bytes]:
+    """The real paths of the directories that opaque records name, from (layer directory, record) pairs."""
+    return frozenset(join(directory, rel) for directory, record in records for rel in record)
+
+
+def write_opaque_record(path: str | os.PathLike[str], relatives: Iterable[bytes]) -> None:
+    """Record a layer's opaque directories: NUL-terminated paths relative to the layer, made durable."""
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"".join(rel + b"\0" for rel in relatives))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def read_opaque_record(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
+    """A layer's recorded opaque directories; none when it has no record."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return ()
+    return tuple(data.split(b"\0")[:-1])
+
+
+def is_opaque(path: bytes, marks: frozenset[bytes] = frozenset()) -> bool:
     """Whether a directory hides everything below it in the stack."""
+    if path in marks:
+        return True
     for name in OPAQUE_XATTRS:
         try:
             if os.getxattr(path, name, follow_symlinks=False) == b"y":
@@ -158,8 +190,11 @@ def join(directory: bytes, name: bytes) -> bytes:
     return directory + b"/" + name if directory != b"/" else b"/" + name
 
 
-def lookup(branches: Sequence[Branch], name: bytes) -> Entry | None:
-    """Resolve ``name`` in the merged directory made of ``branches``; None if absent."""
+def lookup(branches: Sequence[Branch], name: bytes, marks: frozenset[bytes] = frozenset()) -> Entry | None:
+    """Resolve ``name`` in the merged directory made of ``branches``; None if absent.
+
+    ``marks``: the stack's recorded opaque directories (:func:`opaque_marks`).
+    """
     found: list[Branch] = []
     top: os.stat_result | None = None
     for pos, directory in branches:
@@ -174,7 +209,7 @@ def lookup(branches: Sequence[Branch], name: bytes) -> Entry | None:
             if top is None:
                 top = st
             found.append((pos, path))
-            if pos != branches[-1][0] and is_opaque(path):
+            if pos != branches[-1][0] and is_opaque(path, marks):
                 break
             continue
         if top is not None or is_whiteout(st):
@@ -185,7 +220,7 @@ def lookup(branches: Sequence[Branch], name: bytes) -> Entry | None:
     return Entry(top, tuple(found))
 
 
-def listdir(branches: Sequence[Branch]) -> list[tuple[bytes, Entry]]:
+def listdir(branches: Sequence[Branch], marks: frozenset[bytes] = frozenset()) -> list[tuple[bytes, Entry]]:
     """The merged listing of a directory: each visible name with its resolved entry.
 
     One ``scandir`` per branch; an ``lstat`` per visible name (its attributes)
@@ -240,15 +275,15 @@ def listdir(branches: Sequence[Branch]) -> list[tuple[bytes, Entry]]:
             raise
         below = lower_dirs.get(name)
         if below and stat.S_ISDIR(st.st_mode):
-            out.append((name, Entry(st, _cut_at_opaque([top, *below]))))
+            out.append((name, Entry(st, _cut_at_opaque([top, *below], marks))))
         else:
             out.append((name, Entry(st, (top,))))
     return out
 
 
-def _cut_at_opaque(found: list[Branch]) -> tuple[Branch, ...]:
+def _cut_at_opaque(found: list[Branch], marks: frozenset[bytes]) -> tuple[Branch, ...]:
     for i, (_, path) in enumerate(found[:-1]):
-        if is_opaque(path):
+        if is_opaque(path, marks):
             return tuple(found[: i + 1])
     return tuple(found)
 

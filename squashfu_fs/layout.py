@@ -88,6 +88,10 @@ class RootLayout:
         """A bin's short name relative to the root, for overlay's one-page option string."""
         return f"bins/{number}"
 
+    def opaque_record(self, number: int) -> Path:
+        """Bin N's opaque directories, for readers that cannot see trusted xattrs (none: no file)."""
+        return self.bins / f"{number}.opaque"
+
     def partial_bin(self, number: int) -> Path:
         """The temporary name a bin is written under until it is committed."""
         return self.bins / f".partial-{number}"

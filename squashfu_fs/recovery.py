@@ -29,7 +29,7 @@ def recover(layout: RootLayout, history: History) -> list[str]:
         for mounted in mounts.mounts_below(point):
             mounts.unmount(os.fsdecode(mounted))
             removed.append(f"stale mount {os.fsdecode(mounted)}")
-    committed = {str(b.number) for b in history.bins}
+    committed = {name for b in history.bins for name in (str(b.number), layout.opaque_record(b.number).name)}
     if layout.bins.is_dir():
         for entry in os.scandir(layout.bins):
             if entry.name not in committed:

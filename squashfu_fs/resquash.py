@@ -105,6 +105,7 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
               "in the history show them without ACLs until the next backup stores them again", file=sys.stderr)
     for number in absorb:
         recovery.remove(layout.bin(number))
+        layout.opaque_record(number).unlink(missing_ok=True)
     layout.seed(old_seed.file).unlink(missing_ok=True)
     fsync_dir(layout.bins)
     fsync_dir(layout.root)

@@ -92,7 +92,7 @@ class PlainSeeds:
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("built", "id", "key", "layers", "live", "name", "retired", "root_entry",
+    __slots__ = ("built", "id", "key", "layers", "live", "marks", "name", "retired", "root_entry",
                  "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
@@ -105,6 +105,7 @@ class View:
         self.seed_file = seed_file
         self.root_ino = view_id << VIEW_SHIFT
         self.root_entry: Entry | None = None
+        self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
         self.built = False
         self.live = 0  # nodes of this view that the kernel knows
         self.retired = False  # no longer named in the root
@@ -384,6 +385,9 @@ class Vfs:
             return
         entry = self._root_entry(view)
         entry.branches = layerstack.root_branches(view.layers)
+        view.marks = layerstack.opaque_marks(
+            (os.fsencode(self.layout.bin(n)), layerstack.read_opaque_record(self.layout.opaque_record(n)))
+            for n in view.spec.bins)
         view.built = True
         self.counters.stacks_built += 1
 
@@ -416,7 +420,7 @@ class Vfs:
                 return None
             _, ino, entry = node.listing.items[i]
         else:
-            found = layerstack.lookup(node.entry.branches, name)
+            found = layerstack.lookup(node.entry.branches, name, view.marks)
             if found is None:
                 return None
             entry = found
@@ -436,7 +440,7 @@ class Vfs:
         if node.listing is None:
             if node.ino == view.root_ino:
                 self.build(view)
-            items = [(name, self.ino_of(view, e), e) for name, e in layerstack.listdir(node.entry.branches)]
+            items = [(name, self.ino_of(view, e), e) for name, e in layerstack.listdir(node.entry.branches, view.marks)]
             node.listing = Listing(items)
             self.counters.listings_built += 1
         return node.listing.items

@@ -37,12 +37,13 @@ class Stack:
         for d in self.dirs:
             d.mkdir()
         self.root = layerstack.root_branches([DirLayer(d) for d in self.dirs])
+        self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories
 
     def resolve(self, path: bytes) -> Entry | None:
         branches = self.root
         entry: Entry | None = None
         for part in path.split(b"/"):
-            entry = layerstack.lookup(branches, part)
+            entry = layerstack.lookup(branches, part, self.marks)
             if entry is None:
                 return None
             branches = entry.branches
@@ -54,7 +55,7 @@ class Stack:
             found = self.resolve(path)
             assert found is not None and found.is_dir
             branches = found.branches
-        return dict(layerstack.listdir(branches))
+        return dict(layerstack.listdir(branches, self.marks))
 
 
 def test_whiteout_hides_and_is_never_listed(tmp_path: Path) -> None:
@@ -89,6 +90,26 @@ def test_directories_merge_until_opaque(tmp_path: Path) -> None:
     assert set(s.names(b"d")) == {b"bin-only", b"top-only"}
     assert s.resolve(b"d/seed-only") is None
     assert s.names()[b"d"].branches == s.resolve(b"d").branches  # type: ignore[union-attr]
+
+
+def test_an_opaque_record_stops_the_merge_like_the_xattr(tmp_path: Path) -> None:
+    """What a normal user's daemon relies on: it cannot read trusted.overlay.opaque."""
+    s = Stack(tmp_path, 3)
+    write(s.dirs[2] / "d" / "old")
+    write(s.dirs[1] / b"\xff\nodd".decode(errors="surrogateescape") / "x")
+    write(s.dirs[0] / "d" / "new")
+    assert set(s.names(b"d")) == {b"old", b"new"}
+    odd = b"\xff\nodd"
+    layerstack.write_opaque_record(tmp_path / "L0.opaque", [b"d"])
+    layerstack.write_opaque_record(tmp_path / "L1.opaque", [odd])
+    assert layerstack.read_opaque_record(tmp_path / "L1.opaque") == (odd,)
+    assert layerstack.read_opaque_record(tmp_path / "missing.opaque") == ()
+    s.marks = layerstack.opaque_marks(
+        (os.fsencode(d), layerstack.read_opaque_record(tmp_path / f"{d.name}.opaque")) for d in s.dirs[:2])
+    assert s.marks == {os.fsencode(s.dirs[0]) + b"/d", os.fsencode(s.dirs[1]) + b"/" + odd}
+    assert set(s.names(b"d")) == {b"new"}
+    found = s.resolve(b"d")
+    assert found is not None and [pos for pos, _ in found.branches] == [1]
 
 
 def test_user_namespace_opaque(tmp_path: Path) -> None:

@@ -184,6 +184,27 @@ def test_list_shows_every_layer_with_totals(tree: tuple[Path, Path]) -> None:
     assert "2026-11-03" in text and "total: seed" in text and "wed" in text
 
 
+def test_opaque_directories_are_recorded_beside_their_bin(tree: tuple[Path, Path]) -> None:
+    """bins/N.opaque names what overlay made opaque, lives as long as bin N, and not a moment longer."""
+    src, root = tree
+    (src / "flip").write_text("a file tonight\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    (src / "flip").unlink()
+    (src / "flip").mkdir()
+    (src / "flip" / "inside").write_text("a directory now\n")
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    assert os.getxattr(root / "bins" / "2" / "flip", "trusted.overlay.opaque") == b"y"
+    assert sorted(p.name for p in (root / "bins").iterdir()) == ["1", "2", "2.opaque"]
+    assert (root / "bins" / "2.opaque").read_bytes() == b"flip\0"
+    squashfu("-r", root, "backup", now="2026-11-05T02:00")  # recovery keeps a committed bin's record
+    assert (root / "bins" / "2.opaque").is_file()
+    (root / "bins" / "9.opaque").write_bytes(b"debris\0")  # as if killed before bin 9 was committed
+    text = (root / "squashfu.toml").read_text().replace("min_bins = 7", "min_bins = 1")
+    (root / "squashfu.toml").write_text(text)
+    squashfu("-r", root, "resquash")
+    assert sorted(p.name for p in (root / "bins").iterdir()) == ["3"]
+
+
 # ------------------------------------------------------------- rollback
 
 

@@ -79,7 +79,9 @@ def assert_intact(root: Path, expected: dict, scratch: Path) -> None:
 def assert_clean(root: Path) -> None:
     assert not mounts.mounts_below(root), f"mounts left: {mounts.mounts_below(root)}"
     h = history(root)
-    assert sorted(p.name for p in (root / "bins").iterdir()) == sorted(str(b["number"]) for b in h["bins"])
+    committed = {str(b["number"]) for b in h["bins"]}
+    records = {f"{n}.opaque" for n in committed}
+    assert {p.name for p in (root / "bins").iterdir()} - records == committed, "debris left in bins/"
     assert [p.name for p in root.glob("seed*")] == [h["seed"]["file"]]
     assert not list((root / ".work").iterdir())
     assert not (root / ".staging").exists()
