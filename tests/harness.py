@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from .conftest import force_unmount
 from .treegen import snapshot
 
 CLI = [sys.executable, "-m", "squashfu_fs.cli"]
+NOBODY = 65534
 
 
 def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[str, str] | None = None,
@@ -86,3 +88,42 @@ def fuse_mounted(root: Path, mountpoint: Path) -> Iterator[Path]:
         else:
             os.kill(pid, signal.SIGKILL)
             squashfu("umount", mountpoint, expect=None)
+
+
+@contextmanager
+def reachable_by_others(*paths: Path) -> Iterator[None]:
+    """Grant o+x on ``paths`` and every directory above them for a block, then put the modes back.
+
+    A fresh clone may sit in a private directory (mktemp -d makes 0700), and
+    pytest's own temporary directories are 0700 too.
+    """
+    saved: dict[Path, int] = {}
+    try:
+        for target in paths:
+            for directory in [target, *target.parents]:
+                mode = directory.stat().st_mode
+                if directory not in saved and not mode & stat.S_IXOTH:
+                    saved[directory] = stat.S_IMODE(mode)
+                    os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
+        yield
+    finally:
+        for directory, mode in saved.items():
+            os.chmod(directory, mode)
+
+
+def run_as_nobody(argv: list[str | os.PathLike[str]], *, text: bool = True) -> subprocess.CompletedProcess[Any]:
+    """Run a command as user nobody, with no runtime directory (the daemon then uses /tmp)."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           *map(os.fspath, argv)], capture_output=True, text=text, stdin=subprocess.DEVNULL,
+                          env={**env, "HOME": "/tmp"}, timeout=120)
+
+
+def as_nobody(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI run as user nobody, able to reach the interpreter and the code."""
+    import squashfu_fs
+
+    code = [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
+            Path(sys.executable).resolve().parent]
+    with reachable_by_others(*code):
+        return run_as_nobody([*CLI, *args])

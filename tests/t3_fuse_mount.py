@@ -9,8 +9,10 @@ entry by entry, what the kernel's overlayfs shows for the same layers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -27,14 +29,15 @@ import pytest
 
 from squashfu_fs import history as history_mod
 from squashfu_fs import mounts
+from squashfu_fs.backup import record_opaque_dirs, scan_layer
 from squashfu_fs.history import Bin, History, Seed
 from squashfu_fs.layout import RootLayout
 from squashfu_fs.mountd import daemon_pid, state_dir
 from squashfu_fs.views import ViewTable
 
 from .conftest import force_unmount
+from .harness import NOBODY, as_nobody, reachable_by_others, run_as_nobody, squashfu
 from .harness import fuse_mounted as mounted
-from .harness import squashfu
 from .treegen import build_initial, differences, mutate, snapshot
 
 pytestmark = pytest.mark.mounts
@@ -102,6 +105,7 @@ class HandMade:
         finally:
             mounts.unmount(self.layout.ro)
         subprocess.run(["rm", "-rf", work], check=True)
+        record_opaque_dirs(self.layout, number, scan_layer(upper, source=self.base / "no-source"))
         self.history = self.history.with_bin(Bin(number, when.isoformat(), 1.0, 0, 0, 0))
         history_mod.save(self.layout.history, self.history)
 
@@ -327,3 +331,73 @@ def test_bad_mountpoints_are_refused_with_one_line(made: HandMade, scratch: Path
         assert proc.returncode in (1, 2) and proc.stderr.count("\n") == 1
     finally:
         inside.rmdir()
+
+
+@pytest.fixture
+def fuse_for_users() -> Iterator[None]:
+    """/dev/fuse as Debian's udev rule leaves it (0666); containers often make it 0600."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", mode | 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def listing_as_nobody(view: Path) -> tuple[list[bytes], bytes, bytes]:
+    """What user nobody sees below ``view``: every entry's metadata, and the checksums of what it may read."""
+    found = run_as_nobody(["find", view, "-mindepth", "1", "-printf", r"%P\0%y %m %U %G %s %T@ %l\0"], text=False)
+    fields = found.stdout.split(b"\0")
+    # squashfuse gives directories size 0 where the kernel's squashfs gives their index size:
+    # a directory's st_size means nothing to tools, so it is left out.
+    entries = sorted(a + b"\0" + (re.sub(rb"^(d \d+ \d+ \d+) \d+", rb"\1 -", b))
+                     for a, b in zip(fields[0::2], fields[1::2], strict=False))
+    sums = run_as_nobody(["bash", "-c", 'cd "$1" && find . -type f -readable -print0 | sort -z | xargs -0r md5sum',
+                          "_", view], text=False)
+    return entries, sums.stdout, found.stderr.replace(os.fsencode(view), b"VIEW")
+
+
+def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scratch: Path,
+                                                            fuse_for_users: None) -> None:
+    """Not root: the seed through squashfuse, opaque directories from the opaque records.
+
+    User nobody cannot read ``trusted.overlay.opaque``; without the records
+    beside the bins, a directory deleted and recreated in one night shows its
+    old contents too. Every day must look to nobody through the daemon exactly
+    as it looks to nobody through the kernel's overlay of the same layers.
+    """
+    import squashfu_fs
+
+    mp = scratch / "mp"
+    mp.mkdir()
+    os.chown(mp, NOBODY, NOBODY)
+    (made.base / "kview").mkdir(exist_ok=True)
+    code = [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
+            Path(sys.executable).resolve().parent]
+    private = Path(f"/tmp/squashfu-{NOBODY}")
+    with reachable_by_others(*code, made.root, mp, made.base / "kview"):
+        proc = as_nobody("-r", made.root, "mount", mp)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            seeds = [e.mount_point for e in mounts.mount_table() if e.fstype == "fuse.squashfuse"]
+            assert len(seeds) == 1 and seeds[0].startswith(os.fsencode(private)), seeds
+            table = ViewTable.from_history(made.history)
+            assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted(table.names())
+            for name in ["seed", *table.dated]:
+                with made.kernel_view(name) as kernel:
+                    want, got = listing_as_nobody(kernel), listing_as_nobody(mp / name)
+                assert len(got[0]) > 100 and got[1]
+                assert got == want, (name, sorted(set(got[0]) ^ set(want[0]))[:6], got[2], want[2])
+            done = as_nobody("umount", mp)
+            assert done.returncode == 0, done.stderr
+            for _ in range(250):
+                if not mounts.mounts_below(private):
+                    break
+                time.sleep(0.02)
+            assert not mounts.is_mounted(mp) and not mounts.mounts_below(private), "squashfuse left behind"
+        finally:
+            for pid_file in private.glob(f"{state_dir(mp).name}/pid"):
+                with contextlib.suppress(ValueError, ProcessLookupError):
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            force_unmount(mp)
+            force_unmount(private)

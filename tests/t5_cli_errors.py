@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .harness import CLI, history, squashfu
+from .harness import as_nobody, history, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -78,32 +76,6 @@ def test_umount_of_something_not_mounted(scratch: Path) -> None:
 def test_unknown_view_in_restore_changes_nothing(root: Path, scratch: Path) -> None:
     proc = squashfu("-r", root, "restore", "friday", "--to", scratch / "out", expect=2)
     assert "valid views" in one_line(proc) and not (scratch / "out").exists()
-
-
-def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as user nobody, letting it traverse to the interpreter and the code for the run.
-
-    A fresh clone may sit in a private directory (mktemp -d makes 0700), so the
-    directories above the package, the venv and the interpreter get o+x while
-    the command runs, and their modes are put back afterwards.
-    """
-    import squashfu_fs
-
-    targets = [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
-               Path(sys.executable).resolve().parent]
-    saved: dict[Path, int] = {}
-    for target in targets:
-        for directory in [target, *target.parents]:
-            mode = directory.stat().st_mode
-            if directory not in saved and not mode & stat.S_IXOTH:
-                saved[directory] = stat.S_IMODE(mode)
-                os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
-    try:
-        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, *args],
-                              capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
-    finally:
-        for directory, mode in saved.items():
-            os.chmod(directory, mode)
 
 
 def test_not_root_without_rootless_tools_is_one_line(root: Path) -> None:
