@@ -119,11 +119,15 @@ def run_as_nobody(argv: list[str | os.PathLike[str]], *, text: bool = True) -> s
                           env={**env, "HOME": "/tmp"}, timeout=120)
 
 
-def as_nobody(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    """The CLI run as user nobody, able to reach the interpreter and the code."""
+def code_paths() -> list[Path]:
+    """What another user must reach to run the CLI: the package, the venv and the interpreter."""
     import squashfu_fs
 
-    code = [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
+    return [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
             Path(sys.executable).resolve().parent]
-    with reachable_by_others(*code):
+
+
+def as_nobody(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI run as user nobody, able to reach the interpreter and the code."""
+    with reachable_by_others(*code_paths()):
         return run_as_nobody([*CLI, *args])

@@ -36,7 +36,7 @@ from squashfu_fs.mountd import daemon_pid, state_dir
 from squashfu_fs.views import ViewTable
 
 from .conftest import force_unmount
-from .harness import NOBODY, as_nobody, reachable_by_others, run_as_nobody, squashfu
+from .harness import NOBODY, as_nobody, code_paths, reachable_by_others, run_as_nobody, squashfu
 from .harness import fuse_mounted as mounted
 from .treegen import build_initial, differences, mutate, snapshot
 
@@ -366,16 +366,12 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
     old contents too. Every day must look to nobody through the daemon exactly
     as it looks to nobody through the kernel's overlay of the same layers.
     """
-    import squashfu_fs
-
     mp = scratch / "mp"
     mp.mkdir()
     os.chown(mp, NOBODY, NOBODY)
     (made.base / "kview").mkdir(exist_ok=True)
-    code = [Path(squashfu_fs.__file__).resolve().parent, Path(sys.prefix).resolve(),
-            Path(sys.executable).resolve().parent]
     private = Path(f"/tmp/squashfu-{NOBODY}")
-    with reachable_by_others(*code, made.root, mp, made.base / "kview"):
+    with reachable_by_others(*code_paths(), made.root, mp, made.base / "kview"):
         proc = as_nobody("-r", made.root, "mount", mp)
         assert proc.returncode == 0, proc.stderr
         try:
