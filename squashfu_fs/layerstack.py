@@ -20,7 +20,10 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol
+
+from .history import atomic_write
 
 # Where a merged object lives: (layer position, 1 = newest; the real path).
 Branch = tuple[int, bytes]
@@ -147,14 +150,9 @@ def opaque_marks(records: Iterable[tuple[bytes, Sequence[bytes]]]) -> frozenset[
     return frozenset(join(directory, rel) for directory, record in records for rel in record)
 
 
-def write_opaque_record(path: str | os.PathLike[str], relatives: Iterable[bytes]) -> None:
+def write_opaque_record(path: Path, relatives: Iterable[bytes]) -> None:
     """Record a layer's opaque directories: NUL-terminated paths relative to the layer, made durable."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"".join(rel + b"\0" for rel in relatives))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    atomic_write(path, b"".join(rel + b"\0" for rel in relatives))
 
 
 def read_opaque_record(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
