@@ -1,0 +1,167 @@
+"""Acting on trees other people control: every path is resolved beneath a directory fd.
+
+squashfu runs as root over sources (and unions of them) that users write to
+while the backup runs. A user who swaps a directory for a symlink between our
+walk and our write must not steer a delete, chown or xattr outside the tree.
+So every write below names its target as (directory fd, relative bytes path)
+and resolves it with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``: a
+symlink in any component, or a ``..`` that climbs out, fails with ``ELOOP`` or
+``EXDEV`` instead of being followed. Kernels without ``openat2`` (before 5.6)
+get the same guarantee from a component-by-component ``O_NOFOLLOW`` walk.
+See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_have_openat2 = True
+
+
+def _openat2(dirfd: int, rel: bytes, flags: int, mode: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, STRICT)
+    fd = _libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(rel), ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), rel)
+    return int(fd)
+
+
+def components(rel: bytes) -> list[bytes]:
+    """The names of a relative path; refuses absolute paths and ``..``."""
+    parts = [p for p in rel.split(b"/") if p not in (b"", b".")]
+    if rel.startswith(b"/") or b".." in parts:
+        raise OSError(errno.EXDEV, "path leaves its directory", rel)
+    return parts
+
+
+def open_beneath(dirfd: int, rel: bytes, flags: int = DIR_FLAGS, mode: int = 0) -> int:
+    """Open ``rel`` below ``dirfd`` following no symlink anywhere; the caller closes the fd.
+
+    The last component is opened with ``flags`` (``O_NOFOLLOW`` is implied:
+    a symlink there fails with ``ELOOP``, unless ``flags`` has ``O_PATH``,
+    which then names the link itself).
+    """
+    global _have_openat2
+    parts = components(rel)
+    if not parts:
+        return os.open(".", flags | os.O_CLOEXEC, dir_fd=dirfd)
+    if _have_openat2:
+        try:
+            return _openat2(dirfd, b"/".join(parts), flags | os.O_NOFOLLOW, mode)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _have_openat2 = False  # a kernel before 5.6, or a seccomp filter that hides it
+    return _walk_nofollow(dirfd, parts, flags, mode)
+
+
+def _walk_nofollow(dirfd: int, parts: list[bytes], flags: int, mode: int) -> int:
+    """The fallback: one ``openat(O_NOFOLLOW)`` per component."""
+    current = dirfd
+    try:
+        for name in parts[:-1]:
+            nxt = os.open(name, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+            if current != dirfd:
+                os.close(current)
+            current = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=current)
+    finally:
+        if current != dirfd:
+            os.close(current)
+
+
+@contextmanager
+def opened(dirfd: int, rel: bytes, flags: int = DIR_FLAGS) -> Iterator[int]:
+    """:func:`open_beneath` for the length of a block."""
+    fd = open_beneath(dirfd, rel, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def opened_root(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> Iterator[int]:
+    """The top of a tree squashfu acts on, opened as a directory (it must not itself be a symlink)."""
+    fd = os.open(path, DIR_FLAGS | os.O_NOFOLLOW)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def parent_and_name(rel: bytes) -> tuple[bytes, bytes]:
+    """Split a relative path into the directory to open and the name inside it."""
+    parts = components(rel)
+    if not parts:
+        raise OSError(errno.EINVAL, "the top directory has no parent", rel)
+    return b"/".join(parts[:-1]), parts[-1]
+
+
+@contextmanager
+def parent_of(dirfd: int, rel: bytes) -> Iterator[tuple[int, bytes]]:
+    """The directory holding ``rel`` (opened beneath ``dirfd``) and the last name, for ``*at`` calls."""
+    parent, name = parent_and_name(rel)
+    with opened(dirfd, parent) as pfd:
+        yield pfd, name
+
+
+def lstat_beneath(dirfd: int, rel: bytes) -> os.stat_result:
+    """The ``lstat`` of ``rel`` below ``dirfd``, resolving no symlink on the way."""
+    if not components(rel):
+        return os.stat(dirfd)
+    with parent_of(dirfd, rel) as (pfd, name):
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+
+def remove_beneath(dirfd: int, rel: bytes) -> bool:
+    """Delete ``rel`` (a file, or a whole tree) below ``dirfd``; False if it was not there.
+
+    A directory is removed with ``shutil.rmtree(dir_fd=...)``, which walks by
+    file descriptor and never follows a symlink. A parent that is now a symlink
+    raises ``ELOOP``: the caller decides whether that is an error.
+    """
+    try:
+        with parent_of(dirfd, rel) as (pfd, name):
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+            return True
+    except FileNotFoundError:
+        return False
+
+
+def fd_path(fd: int) -> str:
+    """A path that names exactly the object ``fd`` is open on (for calls that take no fd)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats are of one object: device and inode, never the path text."""
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

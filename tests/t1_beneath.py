@@ -1,0 +1,95 @@
+"""Paths resolved beneath a directory fd: a swapped-in symlink is never followed."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from squashfu_fs import beneath
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run each test with openat2 and with the O_NOFOLLOW walk older kernels get."""
+    monkeypatch.setattr(beneath, "_have_openat2", request.param == "openat2")
+    yield request.param
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """``top/`` with ``d/f`` inside, ``link -> outside`` and an ``outside/`` holding a victim."""
+    top, outside = tmp_path / "top", tmp_path / "outside"
+    (top / "d").mkdir(parents=True)
+    (top / "d" / "f").write_text("inside")
+    outside.mkdir()
+    (outside / "victim").write_text("must survive")
+    (top / "link").symlink_to(outside)
+    return top, outside
+
+
+def test_a_symlinked_component_is_refused(mode: str, tree: tuple[Path, Path]) -> None:
+    top, outside = tree
+    with beneath.opened_root(top) as fd:
+        with pytest.raises(OSError) as info:
+            beneath.remove_beneath(fd, b"link/victim")
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+        with pytest.raises(OSError):
+            beneath.lstat_beneath(fd, b"link/victim")
+    assert (outside / "victim").read_text() == "must survive"
+
+
+def test_dotdot_and_absolute_paths_are_refused(mode: str, tree: tuple[Path, Path]) -> None:
+    top, outside = tree
+    with beneath.opened_root(top) as fd:
+        for rel in (b"../outside/victim", b"d/../../outside/victim", os.fsencode(outside / "victim")):
+            with pytest.raises(OSError) as info:
+                beneath.remove_beneath(fd, rel)
+            assert info.value.errno == errno.EXDEV
+    assert (outside / "victim").exists()
+
+
+def test_a_symlink_as_the_last_name_is_removed_itself(mode: str, tree: tuple[Path, Path]) -> None:
+    top, outside = tree
+    with beneath.opened_root(top) as fd:
+        assert beneath.remove_beneath(fd, b"link") is True
+    assert not os.path.lexists(top / "link")
+    assert (outside / "victim").exists()
+
+
+def test_remove_beneath_deletes_files_and_trees(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    with beneath.opened_root(top) as fd:
+        assert beneath.remove_beneath(fd, b"d/f") is True
+        assert beneath.remove_beneath(fd, b"d/f") is False
+        (top / "d" / "sub").mkdir()
+        (top / "d" / "sub" / "g").write_text("x")
+        assert beneath.remove_beneath(fd, b"d") is True
+        assert beneath.remove_beneath(fd, b"gone/deeper") is False
+    assert sorted(os.listdir(top)) == ["link"]
+
+
+def test_a_tree_holding_symlinks_is_removed_without_following_them(mode: str, tree: tuple[Path, Path]) -> None:
+    top, outside = tree
+    (top / "d" / "escape").symlink_to(outside)
+    with beneath.opened_root(top) as fd:
+        beneath.remove_beneath(fd, b"d")
+    assert (outside / "victim").exists()
+
+
+def test_the_root_itself_must_not_be_a_symlink(tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    with pytest.raises(OSError) as info, beneath.opened_root(top / "link"):
+        pass
+    assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def test_parent_of_gives_an_fd_for_at_calls(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    with beneath.opened_root(top) as fd, beneath.parent_of(fd, b"d/f") as (pfd, name):
+        assert name == b"f"
+        assert beneath.same_file(os.stat(pfd), os.stat(top / "d"))
+        assert beneath.same_file(beneath.lstat_beneath(fd, b"d/f"), os.lstat(top / "d" / "f"))
