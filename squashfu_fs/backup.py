@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import changes, clock, faults, layerstack, mounts, placement, recovery, rsync, squash, unionfix
+from . import changes, clock, faults, layerstack, mounts, placement, privacy, recovery, rsync, squash, unionfix
 from . import config as config_mod
 from . import history as history_mod
 from .config import Config
@@ -52,12 +52,13 @@ def init_root(root: Path, config: Config) -> None:
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not an empty directory")
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        privacy.make_private(root)  # an existing empty directory too: the root is 0700 (docs/layout.md)
         check_layer_support(root)
         layout = RootLayout(root)
         for path in layout.skeleton():
-            path.mkdir()
+            path.mkdir(mode=0o700)
         history_mod.atomic_write(layout.config, config.to_toml().encode())
         history_mod.save(layout.history, History())
     except BaseException:
