@@ -85,7 +85,8 @@ class SeedMounts:
             if self.loop:
                 mounts.mount_squashfs(image, target)
             else:
-                run(["squashfuse", image, target], what=f"mounting {image} with squashfuse")
+                run(["squashfuse", "-o", "ro,nosuid,nodev,noexec", image, target],
+                    what=f"mounting {image} with squashfuse")
         log.info("seed %s mounted on %s", file_name, target)
         return os.fsencode(target)
 
