@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import fuse_mounted, history, rolled_back, squashfu
+from .harness import fuse_mounted, history, reachable_by_others, rolled_back, run_as_nobody, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -64,12 +64,21 @@ def setcap(path: Path, caps: str) -> bytes:
     return os.getxattr(path, CAP)
 
 
-@pytest.mark.skipif(shutil.which("setcap") is None, reason="setcap is missing (apt-get install libcap2-bin)")
+def capabilities_when_run(program: Path) -> str:
+    """What capsh, run as user nobody from ``program``, says it holds ("=" for none)."""
+    with reachable_by_others(program.parent):
+        out = run_as_nobody([program, "--print"]).stdout
+    return next(line for line in out.splitlines() if line.startswith("Current:"))
+
+
+@pytest.mark.skipif(shutil.which("setcap") is None or shutil.which("capsh") is None,
+                    reason="setcap/capsh are missing (apt-get install libcap2-bin)")
 def test_file_capabilities_survive_backup_views_rollback_restore_and_resquash(scratch: Path) -> None:
     src, root = scratch / "src", scratch / "root"
     src.mkdir()
-    shutil.copy2("/bin/true", src / "ping")
+    shutil.copy2(shutil.which("capsh") or "", src / "ping")  # a program that prints what it was given
     want = {"ping": setcap(src / "ping", "cap_net_raw+ep")}
+    assert capabilities_when_run(src / "ping") == "Current: cap_net_raw=ep"
     squashfu("init", root, "--source", src, "--max-bins", "5", "--min-bins", "0")
     squashfu("-r", root, "backup", now="2026-11-02T02:00")  # ping in the seed
 
@@ -82,6 +91,11 @@ def test_file_capabilities_survive_backup_views_rollback_restore_and_resquash(sc
                     assert "cap_net_raw" in shown or "cap_net_admin" in shown, (tag, how, name, shown)
 
     check("2026-11-02", "seed")
+    # Kept as data, inert where the history is mounted (nosuid), live again once restored.
+    with rolled_back(root, "latest", scratch / "rb-run") as rb:
+        assert capabilities_when_run(rb / "ping") == "Current: ="
+    squashfu("-r", root, "restore", "latest", "ping", "--to", scratch / "run")
+    assert capabilities_when_run(scratch / "run" / "ping") == "Current: cap_net_raw=ep"
     shutil.copy2("/bin/true", src / "ping6")
     want["ping6"] = setcap(src / "ping6", "cap_net_raw,cap_net_admin+ep")
     squashfu("-r", root, "backup", now="2026-11-03T02:00")  # ping6 in bin 1, ping still in the seed
