@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import changes, clock, faults, layerstack, mounts, recovery, rsync, squash, unionfix
+from . import changes, clock, faults, layerstack, mounts, placement, privacy, recovery, rsync, squash, unionfix
 from . import config as config_mod
 from . import history as history_mod
 from .config import Config
@@ -47,18 +47,18 @@ def init_root(root: Path, config: Config) -> None:
     source = Path(config.source)
     if not source.is_dir():
         raise UsageError(f"source {source} is not a directory")
-    real_root, real_source = os.path.realpath(root), os.path.realpath(source)
-    if real_root == real_source or real_root.startswith(real_source.rstrip("/") + "/"):
-        raise UsageError(f"the backup root {root} is inside the source {source}; it would back itself up")
+    placement.refuse_root_inside_source(root, source)
+    placement.refuse_volatile_root(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not an empty directory")
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        privacy.make_private(root)  # an existing empty directory too: the root is 0700 (docs/layout.md)
         check_layer_support(root)
         layout = RootLayout(root)
         for path in layout.skeleton():
-            path.mkdir()
+            path.mkdir(mode=0o700)
         history_mod.atomic_write(layout.config, config.to_toml().encode())
         history_mod.save(layout.history, History())
     except BaseException:
@@ -113,6 +113,7 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
     source = Path(config.source)
     if not source.is_dir():
         raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
+    placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
     own = own_mounts_below(source)
     if own:  # never back up the history into itself
         _say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))

@@ -14,6 +14,13 @@ from .errors import ConfigError
 COMPRESSORS = ("zstd", "xz", "gzip", "lz4", "lzo")
 # zstd level 3 was 4.5x faster than mksquashfs's default 15 for a 2.4% larger image.
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 6, "xz": None, "lz4": None, "lzo": None}
+# What mksquashfs 4.5 accepts for -Xcompression-level (`mksquashfs -help`); xz and lz4 take none.
+# tests/t1_hostile_config.py checks this table against the mksquashfs on the machine.
+LEVEL_RANGES: dict[str, tuple[int, int] | None] = {
+    "zstd": (1, 22), "gzip": (1, 9), "lzo": (1, 9), "xz": None, "lz4": None}
+# A backup stacks every bin under one overlay mount, whose options travel in one 4 KiB page
+# (`bins/NNNNN:` is 11 bytes a layer); 300 layers leave room for the rest of the options.
+MAX_BINS_LIMIT = 300
 CONFIG_NAME = "squashfu.toml"
 
 
@@ -29,14 +36,42 @@ class Config:
     min_bins: int = 7
 
     def __post_init__(self) -> None:
+        """Check every field, types included, so a bad value fails before any work starts."""
+        if not isinstance(self.source, str):
+            raise ConfigError(f"source must be a string, not {self.source!r}")
         if not self.source or not os.path.isabs(self.source):
             raise ConfigError(f"source must be an absolute path, not {self.source!r}")
+        if "\0" in self.source:
+            raise ConfigError("source must not contain a NUL character")
+        if not isinstance(self.excludes, tuple) or not all(isinstance(e, str) for e in self.excludes):
+            raise ConfigError("excludes must be a list of strings")
+        for pattern in self.excludes:
+            if not pattern:
+                raise ConfigError("excludes holds an empty exclude pattern")
+            if "\0" in pattern:
+                raise ConfigError(f"the exclude pattern {pattern!r} contains a NUL character")
+        if not isinstance(self.compression, str):
+            raise ConfigError(f"compression must be a string, not {self.compression!r}")
         if self.compression not in COMPRESSORS:
             raise ConfigError(
                 f"compression {self.compression!r} is not one of {', '.join(COMPRESSORS)}"
             )
-        if self.min_bins < 0 or self.max_bins < 1:
-            raise ConfigError("max_bins must be at least 1 and min_bins at least 0")
+        if self.compression_level is not None:
+            _integer("compression_level", self.compression_level)
+            allowed = LEVEL_RANGES[self.compression]
+            if allowed is None:
+                raise ConfigError(f"{self.compression} takes no compression_level; remove the setting")
+            low, high = allowed
+            if not low <= self.compression_level <= high:
+                raise ConfigError(f"compression_level {self.compression_level} is out of range for "
+                                  f"{self.compression} ({low}..{high})")
+        _integer("max_bins", self.max_bins)
+        _integer("min_bins", self.min_bins)
+        if not 1 <= self.max_bins <= MAX_BINS_LIMIT:
+            raise ConfigError(f"max_bins must be between 1 and {MAX_BINS_LIMIT}, not {self.max_bins} "
+                              "(overlay stacks every bin in one mount)")
+        if self.min_bins < 0:
+            raise ConfigError(f"min_bins must be at least 0, not {self.min_bins}")
         if self.min_bins >= self.max_bins:
             raise ConfigError(
                 f"min_bins ({self.min_bins}) must be smaller than max_bins ({self.max_bins})"
@@ -101,8 +136,20 @@ def _typed(data: dict[str, Any], key: str, kind: type, path: Path, default: Any 
             raise ConfigError(f"missing setting {key!r}")
         return default
     value = data[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be a {kind.__name__}, not {value!r}")
-    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key} must be a list of strings")
+    if kind is int:
+        _integer(key, value)
+    elif kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings, not {value!r}")
+    elif not isinstance(value, kind):
+        raise ConfigError(f"{key} must be a {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}")
     return value
+
+
+_KIND_NAMES = {str: "string", int: "integer", list: "list of strings"}
+
+
+def _integer(key: str, value: object) -> None:
+    """TOML integers only: ``true`` is a bool, ``3.0`` a float, ``"3"`` a string."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, not {value!r}")

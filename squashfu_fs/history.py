@@ -156,9 +156,13 @@ def save(path: Path, history: History) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file."""
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file.
+
+    The file is private (0600): the history, manifest and records name every
+    backed-up file (docs/layout.md).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:  # os.write may write less (file size limit, nearly full disk): never rename a stub

@@ -30,13 +30,9 @@ Branch = tuple[int, bytes]
 
 OVERLAY_PREFIX = b"trusted.overlay."
 ESCAPED_PREFIX = b"trusted.overlay.overlay."
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-# overlay's private xattrs when it runs with `userxattr` (rootless): hidden too.
-USER_OVERLAY_PRIVATE = frozenset(
-    b"user.overlay." + n
-    for n in (b"opaque", b"redirect", b"origin", b"impure", b"nlink", b"upper",
-              b"metacopy", b"protattr", b"uuid", b"whiteout")
-)
+# Bins are written by overlayfs in trusted mode (never `userxattr`), so only trusted.overlay.*
+# are overlay's markers; a source's own user.overlay.* xattrs are data, stored and shown as they are.
+OPAQUE_XATTRS = (b"trusted.overlay.opaque",)
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -287,22 +283,18 @@ def _cut_at_opaque(found: list[Branch], marks: frozenset[bytes]) -> tuple[Branch
 
 
 def visible_xattr_name(name: bytes) -> bytes | None:
-    """The name a reader sees for a stored xattr, or None for overlay's own."""
+    """The name a reader sees for a stored xattr, or None for overlay's own (trusted.overlay.*)."""
     if name.startswith(OVERLAY_PREFIX):
         if name.startswith(ESCAPED_PREFIX):
             return OVERLAY_PREFIX + name[len(ESCAPED_PREFIX):]
         return None
-    if name in USER_OVERLAY_PRIVATE:
-        return None
     return name
 
 
-def stored_xattr_name(name: bytes) -> bytes | None:
-    """The stored name behind a name a reader asks for, or None if it cannot exist."""
+def stored_xattr_name(name: bytes) -> bytes:
+    """The stored name behind a name a reader asks for."""
     if name.startswith(OVERLAY_PREFIX):
         return ESCAPED_PREFIX + name[len(OVERLAY_PREFIX):]
-    if name in USER_OVERLAY_PRIVATE:
-        return None
     return name
 
 

@@ -3,33 +3,52 @@
 The holder writes who it is into the lock file, so a second writer can fail
 at once with a message naming it. The kernel drops the lock when the holder
 dies, even by kill -9, so a stale lock never blocks the next night.
+
+Taking the lock is also where an existing root is made private (0700, files
+0600; see :mod:`squashfu_fs.privacy`): every command that changes a root
+passes here first. The lock file is opened relative to the root's directory
+descriptor without following a symlink, so a link planted as ``.lock`` cannot
+make root truncate another file.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import clock
-from .errors import LockedError
+from . import clock, privacy
+from .errors import LockedError, UsageError
 
 
 @contextmanager
 def writer_lock(lock_path: Path, command: str) -> Iterator[None]:
-    """Hold the root's writer lock for the duration of ``command``."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the root's writer lock for the duration of ``command``; the root is private from then on."""
+    root_fd = privacy.open_root(lock_path.parent)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
-            raise LockedError(f"{lock_path.parent} is busy: {holder} holds {lock_path}") from None
-        os.ftruncate(fd, 0)
-        since = clock.now().isoformat(timespec="seconds")
-        os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
-        yield
+            fd = os.open(lock_path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o600, dir_fd=root_fd)
+        except OSError as exc:
+            raise UsageError(f"{lock_path} cannot be the lock ({exc.strerror}); "
+                             "refusing to touch the root") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{lock_path} is not a regular file; refusing to touch the root")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+                raise LockedError(f"{lock_path.parent} is busy: {holder} holds {lock_path}") from None
+            privacy.tighten(root_fd)
+            os.ftruncate(fd, 0)
+            since = clock.now().isoformat(timespec="seconds")
+            os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
     finally:
-        os.close(fd)  # closing drops the flock
+        os.close(root_fd)

@@ -85,7 +85,8 @@ class SeedMounts:
             if self.loop:
                 mounts.mount_squashfs(image, target)
             else:
-                run(["squashfuse", image, target], what=f"mounting {image} with squashfuse")
+                run(["squashfuse", "-o", "ro,nosuid,nodev,noexec", image, target],
+                    what=f"mounting {image} with squashfuse")
         log.info("seed %s mounted on %s", file_name, target)
         return os.fsencode(target)
 
@@ -124,6 +125,13 @@ def _unmount_any(target: Path) -> None:
 def check_mount(root: Path, mountpoint: Path) -> RootLayout:
     """Everything a user can get wrong, as one-line errors, before anything is mounted."""
     layout = RootLayout(root)
+    try:
+        os.close(os.open(layout.history, os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError:  # roots are private (docs/filesystem.md): others browse root's mount
+        raise UsageError(f"{root} is private to its owner; ask root to mount it with --allow-other "
+                         "(contrib/squashfu-mount@.service)") from None
+    except OSError:
+        pass
     if not layout.history.is_file():
         raise UsageError(f"{root} is not a squashfu backup root (no {layout.history.name})")
     mounts.check_mountpoint(root, mountpoint)

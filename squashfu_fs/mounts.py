@@ -21,6 +21,9 @@ from .system import run
 
 # Every bin must stay a self-contained upper layer any reader can stack.
 OVERLAY_OPTIONS = ("redirect_dir=off", "metacopy=off", "index=off", "uuid=off")
+# Set-uid programs and device nodes in a backup are data, never privileges: every kernel mount
+# made here is nosuid,nodev, and noexec unless something may run from it (a user's roll-back).
+SAFE_OPTIONS = ("nosuid", "nodev")
 OPTION_PAGE = 4096
 
 
@@ -81,14 +84,23 @@ def mounts_below(path: str | os.PathLike[str]) -> list[bytes]:
     return sorted(points, key=lambda p: p.count(b"/"), reverse=True)
 
 
+def _safe(executable: bool) -> list[str]:
+    return [*SAFE_OPTIONS] if executable else [*SAFE_OPTIONS, "noexec"]
+
+
 def mount_squashfs(image: Path, target: Path) -> None:
-    """Loop-mount a SquashFS image read-only."""
-    run(["mount", "-t", "squashfs", "-o", "loop,ro", image, target], what=f"mounting {image}")
+    """Loop-mount a SquashFS image read-only, nosuid,nodev,noexec.
+
+    Seed mounts are only ever read by squashfu or stacked under an overlay;
+    a program in a roll-back still runs, as the overlay's own mount decides.
+    """
+    run(["mount", "-t", "squashfs", "-o", ",".join(["loop", "ro", *_safe(False)]), image, target],
+        what=f"mounting {image}")
 
 
 def mount_overlay(target: Path, lowers: Sequence[str], *, upper: str | None = None,
-                  work: str | None = None, cwd: Path) -> None:
-    """Mount overlayfs on ``target``; layer names are relative to ``cwd``.
+                  work: str | None = None, cwd: Path, executable: bool = False) -> None:
+    """Mount overlayfs on ``target`` (nosuid,nodev; noexec unless ``executable``); layers relative to ``cwd``.
 
     Without ``upper`` the union is read-only and overlay needs two lowers.
     """
@@ -99,7 +111,7 @@ def mount_overlay(target: Path, lowers: Sequence[str], *, upper: str | None = No
         opts += [f"upperdir={_escape_layer(upper)}", f"workdir={_escape_layer(work)}"]
     else:
         opts.insert(0, "ro")
-    opts += list(OVERLAY_OPTIONS)
+    opts += [*_safe(executable), *OVERLAY_OPTIONS]
     option_string = ",".join(opts)
     if len(option_string) >= OPTION_PAGE:
         raise SquashfuError(f"{len(lowers)} layers do not fit overlay's one-page option string")

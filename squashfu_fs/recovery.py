@@ -48,7 +48,7 @@ def recover(layout: RootLayout, history: History) -> list[str]:
             removed.append(f"scratch {scratch.name}")
     removed += _stale_rollbacks(layout)
     for path in layout.skeleton():
-        path.mkdir(exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)  # the root is private (docs/layout.md)
     for line in removed:
         log.info("recovered: %s", line)
     return removed

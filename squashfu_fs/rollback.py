@@ -119,7 +119,7 @@ def _mount_view(layout: RootLayout, history: history_mod.History, spec: ViewSpec
         mounts.mount_squashfs(layout.seed(history.seed.file), record.seed_mount)
         # The seed layer is named absolutely so `umount` can find this record from mountinfo.
         mounts.mount_overlay(target, lowers_for(layout, spec, os.fspath(record.seed_mount)),
-                             cwd=layout.root)
+                             cwd=layout.root, executable=not private)  # a user's roll-back may run programs
     except BaseException:
         mounts.unmount(target)
         drop_record(record)

@@ -99,7 +99,7 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
     """
     # --no-inc-recursive: the bar's percentage is of the whole tree, not of what was found so far
     args = [args[0], "--info=progress2", "--no-inc-recursive", *args[1:]] if progress else list(args)
-    with open(log, "a+b") if log is not None else tempfile.TemporaryFile() as err:
+    with open(log, "a+b", opener=_private) if log is not None else tempfile.TemporaryFile() as err:
         start = err.tell()
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         faults.checkpoint("rsync-running")
@@ -120,6 +120,11 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
         deleted=_stat(out, rb"Number of deleted files: ([\d,]+)"),
         errors=errors,
     )
+
+
+def _private(path: str, flags: int) -> int:
+    """Logs name backed-up files: 0600, and never through a symlink."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _stat(out: bytes, pattern: bytes) -> int:

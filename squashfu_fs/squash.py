@@ -28,6 +28,8 @@ def mksquashfs_args(source: Path, image: Path, config: Config, *, progress: bool
 def make_image(source: Path, image: Path, config: Config, *, progress: bool = False) -> None:
     """Write ``image`` from ``source`` and make it durable (it is renamed into place later)."""
     args = mksquashfs_args(source, image, config, progress=progress)
+    # mksquashfs would create the image 0644; it holds every backed-up file, so it is 0600 from the start.
+    os.close(os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                             stdout=None if progress else subprocess.DEVNULL,
                             stderr=subprocess.PIPE if not progress else None)
@@ -36,8 +38,9 @@ def make_image(source: Path, image: Path, config: Config, *, progress: bool = Fa
     if proc.returncode != 0:
         raise ExternalCommandError(f"mksquashfs failed (exit {proc.returncode}): {last_line(err or b'')}",
                                    proc.returncode)
-    fd = os.open(image, os.O_RDONLY)
+    fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        os.fchmod(fd, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -45,7 +45,7 @@ def test_config_defaults_are_zstd_14_7() -> None:
     ('source = "/x"\nmax_bins = 3\nmin_bins = 3\n', r"min_bins \(3\) must be smaller"),
     ('source = "relative"\n', "absolute"),
     ('source = "/x"\ncompression = "bzip9"\n', "compression"),
-    ('source = "/x"\nmax_bins = "many"\n', "max_bins must be a int"),
+    ('source = "/x"\nmax_bins = "many"\n', "max_bins must be an integer"),
     ('source = "/x"\nsurprise = 1\n', "unknown setting"),
     ('excludes = []\n', "missing setting 'source'"),
     ('source = \n', "Invalid"),

@@ -112,12 +112,18 @@ def test_an_opaque_record_stops_the_merge_like_the_xattr(tmp_path: Path) -> None
     assert found is not None and [pos for pos, _ in found.branches] == [1]
 
 
-def test_user_namespace_opaque(tmp_path: Path) -> None:
+def test_a_sources_user_overlay_xattrs_are_data(tmp_path: Path) -> None:
+    """Bins are written in trusted mode: a source's own user.overlay.opaque hides nothing, and shows."""
     s = Stack(tmp_path, 2)
     write(s.dirs[1] / "d" / "old")
     opaque(s.dirs[0] / "d", b"user.overlay.opaque")
+    os.setxattr(s.dirs[0] / "d", b"user.overlay.origin", b"mine")
     write(s.dirs[0] / "d" / "new")
-    assert set(s.names(b"d")) == {b"new"}
+    assert set(s.names(b"d")) == {b"old", b"new"}
+    found = s.resolve(b"d")
+    assert found is not None and [pos for pos, _ in found.branches] == [1, 2]
+    assert layerstack.read_xattrs(found.path) == {b"user.overlay.opaque": b"y", b"user.overlay.origin": b"mine"}
+    assert layerstack.stored_xattr_name(b"user.overlay.opaque") == b"user.overlay.opaque"
 
 
 def test_lower_whiteout_ends_a_recreated_directory(tmp_path: Path) -> None:

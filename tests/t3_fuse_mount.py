@@ -347,6 +347,24 @@ def fuse_for_users() -> Iterator[None]:
         os.chmod("/dev/fuse", mode)
 
 
+@contextmanager
+def owned_by(uid: int, root: Path) -> Iterator[None]:
+    """A root that belongs to ``uid`` for a block: squashfu's own files (0600), not what the bins hold.
+
+    squashfu keeps a root private to its owner (docs/layout.md); a normal user
+    mounts a root of their own, while the bins' contents keep their recorded owners.
+    """
+    paths = [root, root / "history.json", *root.glob("seed*.sfs"), root / "bins", *(root / "bins").glob("*.opaque")]
+    saved = {path: (path.lstat().st_uid, path.lstat().st_gid) for path in paths}
+    try:
+        for path in paths:
+            os.chown(path, uid, uid, follow_symlinks=False)
+        yield
+    finally:
+        for path, (old_uid, old_gid) in saved.items():
+            os.chown(path, old_uid, old_gid, follow_symlinks=False)
+
+
 def listing_as_nobody(view: Path) -> tuple[list[bytes], bytes, bytes]:
     """What user nobody sees below ``view``: every entry's metadata, and the checksums of what it may read."""
     found = run_as_nobody(["find", view, "-mindepth", "1", "-printf", r"%P\0%y %m %U %G %s %T@ %l\0"], text=False)
@@ -374,7 +392,7 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
     os.chown(mp, NOBODY, NOBODY)
     (made.base / "kview").mkdir(exist_ok=True)
     private = Path(f"/tmp/squashfu-{NOBODY}")
-    with reachable_by_others(*code_paths(), made.root, mp, made.base / "kview"):
+    with reachable_by_others(*code_paths(), made.root, mp, made.base / "kview"), owned_by(NOBODY, made.root):
         proc = as_nobody("-r", made.root, "mount", mp)
         assert proc.returncode == 0, proc.stderr
         try:
