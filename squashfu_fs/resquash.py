@@ -75,8 +75,10 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                     # copying through a staging upper layer, as the first seed was made.
                     stage_tree(layout, layout.merged, (), progress=progress, log=None)
                     squash.make_image(layout.staging, tmp, config, progress=progress)
+                    squash.check_image(tmp, layout.staging, layout.rw)
                 else:
                     squash.make_image(layout.merged, tmp, config, progress=progress)
+                    squash.check_image(tmp, layout.merged, layout.rw)
         finally:
             recovery.remove(layout.staging)
     name = RootLayout.seed_name(generation)
