@@ -71,7 +71,7 @@ class Reader:
     seeds: frozenset[str]
 
 
-def readers(root: Path) -> list[Reader]:
+def live_readers(root: Path) -> list[Reader]:
     """The live daemons serving ``root`` and what each last published."""
     out = []
     for state in _state_dirs():
@@ -92,7 +92,7 @@ def readers(root: Path) -> list[Reader]:
 
 def lagging(root: Path, generation: int) -> list[int]:
     """PIDs of live daemons serving ``root`` that have not loaded ``generation`` yet."""
-    return [r.pid for r in readers(root) if r.generation < generation]
+    return [r.pid for r in live_readers(root) if r.generation < generation]
 
 
 def in_use(root: Path, generation: int, candidates: Iterable[int]) -> tuple[set[int], set[str]]:
@@ -105,7 +105,7 @@ def in_use(root: Path, generation: int, candidates: Iterable[int]) -> tuple[set[
     wanted = set(candidates)
     bins: set[int] = set()
     seeds: set[str] = set()
-    for reader in readers(root):
+    for reader in live_readers(root):
         seeds |= reader.seeds
         if reader.generation < generation or reader.bins is None:
             bins |= wanted
