@@ -221,6 +221,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     _say(verbose, f"compressing the seed with {config.compression}")
     tmp = layout.temp_seed(generation)
     squash.make_image(layout.staging, tmp, config, progress=progress)
+    squash.check_image(tmp, layout.staging, layout.rw)
     os.replace(tmp, layout.seed(name))
     fsync_dir(layout.root)
     faults.checkpoint("seed-written")

@@ -5,6 +5,10 @@ to ``readdir_reply``, real file descriptors to reads, Python errors to
 ``FUSEError``. Everything in a view is immutable, so its entries, attributes
 and pages are cached by the kernel for a day; the root's names live a second
 and are invalidated when the history changes.
+
+Request handlers never mount, unmount or reload: :meth:`FuseOps.tick`
+(housekeeping, twice a second) does, in worker threads, and publishes which
+layers the live views still read.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pyfuse3
 import trio
 
 from .layerstack import Entry
-from .vfs import ROOT_INO, RootChange, Vfs, View
+from .vfs import ROOT_INO, RootChange, Usage, Vfs, View
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,7 @@ class FuseOps(pyfuse3.Operations):
         self._dirs: dict[int, tuple[int, list[tuple[bytes, int, Entry]], list[View | None]]] = {}
         self._next_dir = 1
         self._pending: list[RootChange] = []
+        self._published: Usage | None = None
         self._noatime = os.O_NOATIME
         self.prefetcher = Prefetcher()
         vfs.on_change = self._root_changed
@@ -207,15 +212,39 @@ class FuseOps(pyfuse3.Operations):
             self.notifier.invalidate_inode(ino)
 
     async def housekeeping(self) -> None:
-        """Notice a new history within a second even when nobody touches the root."""
+        """Notice a new history within a second; unmount unused seeds; publish what is in use."""
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
+            await self.tick()
+
+    async def tick(self) -> None:
+        """One round of housekeeping; every blocking step runs in a worker thread.
+
+        A reload that fails (the new seed cannot be mounted, history.json is
+        unreadable) is tried again on the next tick, and the old history is
+        served (and published) meanwhile: never acknowledged as seen.
+        """
+        vfs = self.vfs
+        try:
+            reload = await trio.to_thread.run_sync(vfs.prepare_reload)
+            if reload is not None:
+                vfs.install(reload)
+        except Exception as exc:
+            log.warning("reloading the history failed (trying again): %s", exc)
+        idle = vfs.take_idle_seeds()
+        if idle:
+            await trio.to_thread.run_sync(vfs.release_seeds, idle)
+        usage = vfs.usage()
+        if usage != self._published and vfs.on_loaded is not None:
             try:
-                self.vfs.maybe_refresh()
-            except Exception:
-                log.exception("reloading the history failed")
-            if self._pending:
-                await trio.to_thread.run_sync(self.flush_invalidations)
+                await trio.to_thread.run_sync(vfs.on_loaded, usage)
+                self._published = usage
+            except OSError as exc:
+                log.warning("cannot publish the layers in use: %s", exc)
+        for parent, name in vfs.take_entries_to_drop():  # queued, not waited for
+            self.notifier.invalidate_entry(parent, name)
+        if self._pending:
+            await trio.to_thread.run_sync(self.flush_invalidations)
 
     # --------------------------------------------------------------- metadata
 
@@ -292,7 +321,7 @@ class FuseOps(pyfuse3.Operations):
                 name, ino, entry = items[i]
                 if not reply(token, name, self._attr(ino, entry), i + 1):
                     break
-                vfs.remember(ino, views[i] if views else view, entry)
+                vfs.remember(ino, views[i] if views else view, entry, parent, name)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import logging.handlers
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import mounts, readers
 from .errors import SquashfuError, UsageError
@@ -36,9 +38,13 @@ from .layout import RootLayout
 from .readers import state_root
 from .system import last_line, process_start_time, require, run
 
+if TYPE_CHECKING:
+    from .vfs import Usage
+
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024  # 1 MiB read requests instead of 128 KiB: about twice the throughput
+DAEMON_UMASK = 0o077  # what the daemon creates (its state, its log) is private
 FUSE_OPTIONS = ("fsname=squashfu", "subtype=squashfu", "ro", "default_permissions", "nosuid", "nodev")
 _READY = b"ready"
 
@@ -150,6 +156,8 @@ def mount_history(root: Path, mountpoint: Path, *, foreground: bool, allow_other
                   options: tuple[str, ...], log_file: Path | None, verbose: bool) -> None:
     """Serve ``root``'s history at ``mountpoint``; return once it answers (unless foreground)."""
     mountpoint = Path(os.path.abspath(mountpoint))
+    root = Path(os.path.abspath(root))  # the daemon serves from "/"
+    log_file = None if log_file is None else Path(os.path.abspath(log_file))
     layout = check_mount(root, mountpoint)
     fuse_options = set(FUSE_OPTIONS) | set(options)
     if allow_other:
@@ -188,6 +196,7 @@ def _daemon_child(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
     errors = tempfile.TemporaryFile()  # noqa: SIM115 - open until os._exit
     try:
         os.setsid()
+        _detach()
         _setup_logging(log_file, verbose, to_stderr=False)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):
@@ -215,6 +224,24 @@ def _daemon_child(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
     finally:
         logging.shutdown()
         os._exit(status)
+
+
+def _detach() -> None:
+    """Become a daemon that borrows nothing from its caller.
+
+    Its cwd would keep the caller's directory (maybe a disk to unmount)
+    busy for as long as the mount lives; its umask would decide who reads
+    its state and log; a caller's low soft limit on descriptors would cap
+    how many files can be open in the mount.
+    """
+    os.chdir("/")
+    os.umask(DAEMON_UMASK)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
 
 
 def _report(open_pipe: list[int], message: str) -> None:
@@ -270,10 +297,14 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
         seeds = SeedMounts(layout, state / "seeds")
         seeds.clear()
         _write_pid(state, mountpoint)
+        # Published before history.json is first read: until this daemon says which layers it
+        # reads, writers must assume every layer (a resquash now deletes nothing it may read).
+        readers.acknowledge(state, layout.root, -1)
         vfs = Vfs(layout, seeds)
-        vfs.on_loaded = functools.partial(readers.acknowledge, state, layout.root)
+        vfs.on_loaded = functools.partial(_publish, state, layout.root)
         stack.callback(vfs.close)
         vfs.refresh()  # mounts the current seed
+        _publish(state, layout.root, vfs.usage())
         ops = FuseOps(vfs)
         stack.callback(ops.close)
         pyfuse3.init(ops, os.fsdecode(mountpoint), fuse_options)
@@ -293,6 +324,11 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
             if ready is not None:
                 ready()
         log.info("unmounted %s", mountpoint)
+
+
+def _publish(state: Path, root: Path, usage: Usage) -> None:
+    """Tell writers the history this daemon serves and every layer its live views read."""
+    readers.acknowledge(state, root, usage.generation, usage.bins, usage.seeds)
 
 
 async def _watch_signals(terminate: Callable[[], None]) -> None:

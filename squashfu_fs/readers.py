@@ -1,11 +1,15 @@
-"""The time-travel daemons reading a backup root, and which history each has seen.
+"""The time-travel daemons reading a backup root, which history each has seen, which layers it reads.
 
 A resquash deletes the absorbed bins right after it commits. A daemon that
-has not yet noticed the new history could still resolve names through them
-and answer wrongly, then let the kernel cache that answer. So each daemon
-records the root it serves and the history generation it has loaded, and a
-resquash waits (briefly, never for a dead or hung daemon) until every live
-reader of its root has caught up before it deletes anything.
+has not yet noticed the new history could still resolve names through them,
+and a view the kernel still holds (a shell's cwd in an absorbed day) reads
+them for as long as it lives; without them it would fall through to an older
+layer and show another day's data. So each daemon publishes, in one file
+replaced atomically, the root it serves, the history generation it has
+loaded and every bin and seed file its live views read. A writer waits
+briefly (never for a dead or hung daemon) for readers to catch up, then
+deletes only what no live reader may still read (:func:`in_use`); what it
+leaves, a later writer's recovery deletes once nobody reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import os
 import stat
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SquashfuError
@@ -46,35 +52,79 @@ def make_state_dir(state: Path) -> None:
     state.mkdir(mode=0o700, exist_ok=True)
 
 
-def acknowledge(state: Path, root: Path, generation: int) -> None:
-    """A daemon says it now serves ``root`` at history ``generation``."""
+def acknowledge(state: Path, root: Path, generation: int, bins: Iterable[int] = (),
+                seeds: Iterable[str] = ()) -> None:
+    """A daemon says it serves ``root`` at history ``generation`` (-1: not loaded yet) and reads these layers."""
     pid = os.getpid()
-    record = {"root": os.fspath(root), "generation": generation, "pid": pid, "start": process_start_time(pid)}
+    record = {"root": os.fspath(root), "generation": generation, "pid": pid, "start": process_start_time(pid),
+              "bins": sorted(bins), "seeds": sorted(seeds)}
     atomic_write(state / SEEN, json.dumps(record).encode())
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One live daemon's published state."""
+
+    pid: int
+    generation: int
+    bins: frozenset[int] | None  # None: a daemon that does not say (it may read any bin)
+    seeds: frozenset[str]
+
+
+def live_readers(root: Path) -> list[Reader]:
+    """The live daemons serving ``root`` and what each last published."""
+    out = []
+    for state in _state_dirs():
+        try:
+            record = json.loads((state / SEEN).read_text())
+            if record["root"] != os.fspath(root):
+                continue
+            pid = int(record["pid"])
+            bins = record.get("bins")
+            reader = Reader(pid, int(record["generation"]), None if bins is None else frozenset(map(int, bins)),
+                            frozenset(map(str, record.get("seeds", ()))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if process_start_time(pid) == record.get("start"):
+            out.append(reader)
+    return out
 
 
 def lagging(root: Path, generation: int) -> list[int]:
     """PIDs of live daemons serving ``root`` that have not loaded ``generation`` yet."""
-    out = []
-    for seen in _state_dirs():
-        try:
-            record = json.loads((seen / SEEN).read_text())
-            if record["root"] != os.fspath(root) or record["generation"] >= generation:
-                continue
-            pid = int(record["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if process_start_time(pid) == record.get("start"):
-            out.append(pid)
-    return out
+    return [r.pid for r in live_readers(root) if r.generation < generation]
 
 
-def wait_for(root: Path, generation: int, timeout: float = 3.0) -> list[int]:
-    """Wait until every live reader of ``root`` has seen ``generation``; returns those that did not."""
+def in_use(root: Path, generation: int, candidates: Iterable[int]) -> tuple[set[int], set[str]]:
+    """Which of ``candidates`` (bins history ``generation`` no longer names) a live reader may still read.
+
+    A reader that has not loaded ``generation`` may be about to read any bin
+    of an older history, so it keeps every candidate; one that has keeps
+    what it publishes. Also returns the seed files live readers hold.
+    """
+    wanted = set(candidates)
+    bins: set[int] = set()
+    seeds: set[str] = set()
+    for reader in live_readers(root):
+        seeds |= reader.seeds
+        if reader.generation < generation or reader.bins is None:
+            bins |= wanted
+        else:
+            bins |= wanted & reader.bins
+    return bins, seeds
+
+
+def wait_for(root: Path, generation: int, timeout: float = 3.0, unused: Iterable[int] = ()) -> list[int]:
+    """Wait until every live reader of ``root`` has seen ``generation`` and reads none of ``unused``.
+
+    Returns the PIDs of those that did not catch up in time (a view the
+    kernel still holds may keep a bin longer: see :func:`in_use`).
+    """
+    wanted = set(unused)
     deadline = time.monotonic() + timeout
     while True:
         late = lagging(root, generation)
-        if not late or time.monotonic() >= deadline:
+        if (not late and not in_use(root, generation, wanted)[0]) or time.monotonic() >= deadline:
             return late
         time.sleep(0.05)
 

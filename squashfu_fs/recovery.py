@@ -1,9 +1,11 @@
-"""Crash recovery (DESIGN §5.2–5.3): remove the debris an interrupted command left.
+"""Crash recovery (docs/crash-safety.md): remove the debris an interrupted command left.
 
 Every writer calls :func:`recover` right after taking the lock. It trusts only
 ``history.json``: mounts on ``ro/`` and ``rw/`` are taken down, and bins,
-images and staging areas that history does not name are deleted. If history
-names something that is missing, it stops instead of guessing.
+images and staging areas that history does not name are deleted, except the
+bins and seed images a live time-travel daemon still reads (a view the
+kernel holds in a day a resquash absorbed): those wait for a later writer.
+If history names something that is missing, it stops instead of guessing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import mounts
+from . import mounts, readers
 from .errors import CorruptRootError
 from .history import History
 from .layout import RootLayout
@@ -30,15 +32,23 @@ def recover(layout: RootLayout, history: History) -> list[str]:
             mounts.unmount(os.fsdecode(mounted))
             removed.append(f"stale mount {os.fsdecode(mounted)}")
     committed = {name for b in history.bins for name in (str(b.number), layout.opaque_record(b.number).name)}
-    if layout.bins.is_dir():
-        for entry in os.scandir(layout.bins):
-            if entry.name not in committed:
-                remove(Path(entry.path))
-                removed.append(f"uncommitted bin {entry.name}")
+    names = [entry.name for entry in os.scandir(layout.bins)] if layout.bins.is_dir() else []
+    # Bins a resquash absorbed (numbers history handed out) that a live view may still read.
+    absorbed = {int(n) for n in names if n.isdigit() and n not in committed and int(n) < history.next_bin}
+    read_bins, read_seeds = readers.in_use(layout.root, history.generation, absorbed)
+    kept = {name for n in read_bins for name in (str(n), layout.opaque_record(n).name)}
+    for name in names:
+        if name in committed or name in kept:
+            continue
+        if name.isdigit():
+            remove_bin(layout, int(name))
+        else:
+            remove(layout.bins / name)
+        removed.append(f"uncommitted bin {name}")
     seed_file = history.seed.file if history.seed else None
     for entry in os.scandir(layout.root):
         name = entry.name
-        stale_image = RootLayout.is_seed_name(name.removesuffix(".tmp")) and name != seed_file
+        stale_image = RootLayout.is_seed_name(name.removesuffix(".tmp")) and name not in (seed_file, *read_seeds)
         if stale_image or name in (layout.history.name + ".tmp", layout.manifest.name + ".tmp"):
             remove(Path(entry.path))
             removed.append(f"stale file {name}")
@@ -76,6 +86,26 @@ def _stale_rollbacks(layout: RootLayout) -> list[str]:
             if entry.name.startswith("view-") and not mounts.is_mounted(entry):
                 shutil.rmtree(entry, ignore_errors=True)
     return removed
+
+
+def remove_bin(layout: RootLayout, number: int) -> None:
+    """Delete bin ``number`` and its opaque record; renamed away first, then emptied.
+
+    A daemon checks after each lookup in an old view that its bins are still
+    in place (ESTALE otherwise); the rename makes the bin vanish whole before
+    any entry in it goes, so such a lookup can never fall through to an
+    older layer because half the bin was deleted.
+    """
+    path = layout.bin(number)
+    gone = layout.bins / f".gone-{number}"
+    remove(gone)  # what a crash left of an earlier try
+    try:
+        os.rename(path, gone)
+    except FileNotFoundError:
+        pass
+    else:
+        remove(gone)
+    layout.opaque_record(number).unlink(missing_ok=True)
 
 
 def remove(path: Path) -> None:

@@ -1,9 +1,11 @@
 """Retention (DESIGN §5.3, §6): merge the oldest bins into a new seed image.
 
-The new image is written beside the old one and committed in history first;
-only then are the absorbed bins and the old image deleted. A crash at any
-point leaves either the old history (the new image is debris) or the new one
-(the old bins and image are debris), and recovery removes the debris.
+The new image is written beside the old one, checked against the union it
+was made from, and committed in history first; only then are the absorbed
+bins and the old image deleted, except those a live time-travel view still
+reads (see :mod:`squashfu_fs.readers`). A crash at any point leaves either
+the old history (the new image is debris) or the new one (the old bins and
+image are debris), and recovery removes the debris nobody reads.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                     # copying through a staging upper layer, as the first seed was made.
                     stage_tree(layout, layout.merged, (), progress=progress, log=None)
                     squash.make_image(layout.staging, tmp, config, progress=progress)
+                    squash.check_image(tmp, layout.staging, layout.rw)
                 else:
                     squash.make_image(layout.merged, tmp, config, progress=progress)
+                    squash.check_image(tmp, layout.merged, layout.rw)
         finally:
             recovery.remove(layout.staging)
     name = RootLayout.seed_name(generation)
@@ -94,19 +98,27 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     history = history.with_seed(seed, remaining)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-resquash-commit")
-    late = readers.wait_for(layout.root, history.generation)  # no mounted view may still use the bins
+    # A mounted view must never read another day's data: give readers a moment to load the new
+    # history, then leave what a live view still reads (a cwd in an absorbed day) for a later
+    # writer's recovery to delete once nobody reads it.
+    late = readers.wait_for(layout.root, history.generation, unused=absorb)
+    kept, held_seeds = readers.in_use(layout.root, history.generation, absorb)
     if late and verbose:
-        print(f"squashfu: time-travel daemon(s) {late} did not catch up; deleting the merged bins anyway",
-              file=sys.stderr)
+        print(f"squashfu: time-travel daemon(s) {late} did not catch up; leaving bins {sorted(kept)} "
+              "for a later command to delete", file=sys.stderr)
+    elif kept and verbose:
+        print(f"squashfu: bins {sorted(kept)} are still read through a mounted view; a later command "
+              "deletes them", file=sys.stderr)
     if acl_paths:
         # Those entries now read without their ACLs; make the next backup compare them again.
         layout.manifest.unlink(missing_ok=True)
         print(f"squashfu: the new seed cannot store the POSIX ACLs of {len(acl_paths)} entries: the days "
               "in the history show them without ACLs until the next backup stores them again", file=sys.stderr)
     for number in absorb:
-        recovery.remove(layout.bin(number))
-        layout.opaque_record(number).unlink(missing_ok=True)
-    layout.seed(old_seed.file).unlink(missing_ok=True)
+        if number not in kept:
+            recovery.remove_bin(layout, number)
+    if old_seed.file not in held_seeds:
+        layout.seed(old_seed.file).unlink(missing_ok=True)
     fsync_dir(layout.bins)
     fsync_dir(layout.root)
     return history

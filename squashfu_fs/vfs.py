@@ -8,14 +8,22 @@ number for the life of the mount even after the kernel forgot it, and hard
 links in one layer share a number. Node state lives only while the kernel
 holds a lookup count on it, so a ``find`` over every view stays bounded.
 :mod:`squashfu_fs.fuse_ops` translates this to FUSE.
+
+Requests never block on the history: a housekeeping tick reloads it in two
+steps, :meth:`Vfs.prepare_reload` (read history.json, mount the new seed; in a
+worker thread) and :meth:`Vfs.install` (swap the in-memory tree), and takes
+down seeds nobody reads any more. A view that outlived its history (the
+kernel still holds a directory in it) keeps its bins and seed: the daemon
+publishes them (:meth:`Vfs.usage`) and writers leave them in place; if they
+vanished anyway, the view answers ESTALE rather than read a lower layer.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,7 +46,6 @@ _VIEW_LIMIT = 1 << (64 - VIEW_SHIFT)
 _LAYER_LIMIT = 1 << (VIEW_SHIFT - LAYER_SHIFT)
 _INO_LIMIT = 1 << LAYER_SHIFT
 _FALLBACK_FIRST = 1 << 20  # inside view 0's space, above the root's own inodes
-REFRESH_INTERVAL = 0.5  # seconds between looks at history.json on root operations
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class PlainSeeds:
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("built", "id", "key", "layers", "live", "marks", "name", "retired", "root_entry",
+    __slots__ = ("bin_ids", "built", "id", "key", "layers", "live", "marks", "name", "retired", "root_entry",
                  "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
@@ -107,6 +114,7 @@ class View:
         self.root_entry: Entry | None = None
         self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
         self.built = False
+        self.bin_ids: tuple[tuple[int, int], ...] = ()  # (st_dev, st_ino) of each bin, taken when built
         self.live = 0  # nodes of this view that the kernel knows
         self.retired = False  # no longer named in the root
 
@@ -114,7 +122,7 @@ class View:
 class Node:
     """An inode the kernel holds: its entry, lookup count and lazily built state."""
 
-    __slots__ = ("entry", "ino", "listing", "nlookup", "target", "view", "xattrs")
+    __slots__ = ("entry", "ino", "listing", "name", "nlookup", "parent", "target", "view", "xattrs")
 
     def __init__(self, ino: int, view: View | None, entry: Entry, target: bytes | None = None) -> None:
         self.ino = ino
@@ -122,6 +130,8 @@ class Node:
         self.entry = entry
         self.target = target
         self.nlookup = 0
+        self.parent = 0  # where the kernel first met it: to drop its cached entry when its view retires
+        self.name = b""
         self.listing: Listing | None = None
         self.xattrs: dict[bytes, bytes] | None = None
 
@@ -148,6 +158,24 @@ class RootChange:
     inodes: list[int] = field(default_factory=list)  # inodes whose attributes changed
 
 
+@dataclass(frozen=True)
+class Reload:
+    """A history read and its seed mounted (off the request path), ready to install."""
+
+    key: tuple[int, int, int]
+    history: History
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a daemon publishes: the history it serves, and every layer its live views still read."""
+
+    generation: int  # -1 until the first history is installed
+    bins: frozenset[int]
+    seeds: frozenset[str]
+
+
 @dataclass
 class Counters:
     """What the tree did; tests assert on these and the benchmark reports them."""
@@ -161,14 +189,13 @@ class Counters:
 class Vfs:
     """The whole tree of one mount: root names, views and the live inode table."""
 
-    def __init__(self, layout: RootLayout, seeds: SeedProvider, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, layout: RootLayout, seeds: SeedProvider) -> None:
         self.layout = layout
         self.seeds = seeds
-        self.clock = clock
         self.counters = Counters()
         self.on_change: Callable[[RootChange], None] | None = None  # the adapter's invalidation
-        self.on_loaded: Callable[[int], None] | None = None  # told each history generation it has loaded
+        self.on_loaded: Callable[[Usage], None] | None = None  # publishes what this tree still reads
+        self.loaded = -1  # the generation of the installed history
         self.history = History()
         self.table = ViewTable.from_history(self.history)
         self.nodes: dict[int, Node] = {}
@@ -178,61 +205,76 @@ class Vfs:
         self._next_view = 1
         self._fallback: dict[tuple[int, int, int, int], int] = {}
         self._seed_refs: dict[str, int] = {}
-        self._seed_dirs: dict[str, bytes] = {}
+        self._seed_dirs: dict[str, bytes] = {}  # mounted seeds, including idle ones not yet taken down
+        self._idle_seeds: set[str] = set()  # no view reads them: housekeeping unmounts them
+        self._to_drop: list[int] = []  # nodes of retired views whose kernel entries are still to invalidate
         self._current_seed: str | None = None
         self._history_key: tuple[int, ...] | None = None
-        self._last_check = float("-inf")
         self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2)
         self.nodes[ROOT_INO] = Node(ROOT_INO, None, Entry(self.root_st, ()))
         self.nodes[ROOT_INO].nlookup = 1 << 62  # never forgotten
 
     # ----------------------------------------------------------------- history
 
-    def maybe_refresh(self) -> RootChange | None:
-        """Look at history.json at most every REFRESH_INTERVAL; reload if it changed."""
-        now = self.clock()
-        if now - self._last_check < REFRESH_INTERVAL:
-            return None
-        self._last_check = now
-        return self.refresh()
-
     def refresh(self) -> RootChange | None:
-        """Reload the history if history.json changed; None when nothing changed."""
+        """Reload the history now if history.json changed (at startup, and in tests)."""
+        reload = self.prepare_reload()
+        return None if reload is None else self.install(reload)
+
+    def prepare_reload(self) -> Reload | None:
+        """Read history.json if it changed and mount its seed; None when nothing changed.
+
+        Blocking (a stat, a read, maybe a mount): housekeeping runs it in a
+        worker thread while requests go on. It changes no state a request
+        reads; a failure raises and the next call tries again.
+        """
         self.counters.history_checks += 1
-        try:
-            st = os.stat(self.layout.history)
-        except OSError as exc:
-            log.warning("cannot stat %s: %s", self.layout.history, exc)
-            return None
+        st = os.stat(self.layout.history)
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._history_key:
             return None
-        try:
-            new = history_mod.load(self.layout.history)
-        except SquashfuError as exc:
-            log.warning("keeping the previous history: %s", exc)
+        new = history_mod.load(self.layout.history)
+        if new.seed is not None and new.seed.file not in self._seed_dirs:
+            self._seed_dirs[new.seed.file] = self.seeds.acquire(new.seed.file)
+            self._idle_seeds.add(new.seed.file)  # until installed: let go of it if it never is
+        return Reload(key, new, st.st_mtime_ns)
+
+    def install(self, reload: Reload) -> RootChange | None:
+        """Swap in a prepared history (in memory, no blocking); None when it equals the current one."""
+        self._history_key = reload.key
+        if reload.history == self.history and self.root_items:
+            self.loaded = reload.history.generation
             return None
-        self._history_key = key
-        if new == self.history and self.root_items:
-            self._loaded(new)
-            return None
-        change = self._install(new, st.st_mtime_ns)
+        change = self._install(reload.history, reload.mtime_ns)
+        self.loaded = reload.history.generation
         if self.on_change is not None:
             self.on_change(change)
-        self._loaded(new)
         return change
 
-    def _loaded(self, history: History) -> None:
-        """Tell the world (a resquash waiting to delete bins) which history we now serve."""
-        if self.on_loaded is not None:
-            self.on_loaded(history.generation)
+    def usage(self) -> Usage:
+        """The history served and every bin and seed a live view (current or retired) reads."""
+        bins = frozenset(n for view in self.by_id.values() for n in view.spec.bins)
+        return Usage(self.loaded, bins, frozenset(self._seed_dirs))
+
+    def take_idle_seeds(self) -> list[str]:
+        """Seeds no view reads any more, forgotten here; the caller unmounts them (off the request path)."""
+        idle = sorted(name for name in self._idle_seeds if self._seed_refs.get(name, 0) <= 0)
+        self._idle_seeds.clear()
+        for name in idle:
+            self._seed_dirs.pop(name, None)
+        return idle
+
+    def release_seeds(self, names: list[str]) -> None:
+        """Unmount seeds :meth:`take_idle_seeds` handed over (blocking: a worker thread)."""
+        for name in names:
+            self.seeds.release(name)
 
     def _install(self, new: History, mtime_ns: int) -> RootChange:
         self.counters.reloads += 1
         old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
         old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
         if new.seed is not None and new.seed.file != self._current_seed:
-            self._seed_ref(new.seed.file, +1)  # may mount it: do this before letting go
+            self._seed_ref(new.seed.file, +1)  # mounted by prepare_reload: do this before letting go
             if self._current_seed is not None:
                 self._seed_ref(self._current_seed, -1)
             self._current_seed = new.seed.file
@@ -258,10 +300,13 @@ class Vfs:
             spec = self.table.resolve(name)
             view = self._view_for(name, spec, fresh)
             items.append((name.encode(), view.root_ino, self._root_entry(view)))
+        retired = False
         for key, view in self.views.items():
             if key not in fresh:
-                view.retired = True
+                view.retired = retired = True
                 self._maybe_drop(view)
+        if retired:
+            self._to_drop += [ino for ino, node in self.nodes.items() if node.view is not None and node.view.retired]
         self.views = fresh
         self.root_items = items
         dirs = sum(1 for _, _, e in items if e.is_dir)
@@ -313,15 +358,17 @@ class Vfs:
         return view.root_entry
 
     def _seed_ref(self, file_name: str, delta: int) -> None:
+        """Count the views (and the current history) reading a seed; at zero it becomes idle."""
         count = self._seed_refs.get(file_name, 0) + delta
         if count > 0:
             if file_name not in self._seed_dirs:
-                self._seed_dirs[file_name] = self.seeds.acquire(file_name)
+                raise SquashfuError(f"seed {file_name} is not mounted")
             self._seed_refs[file_name] = count
+            self._idle_seeds.discard(file_name)
             return
         self._seed_refs.pop(file_name, None)
-        if self._seed_dirs.pop(file_name, None) is not None:
-            self.seeds.release(file_name)
+        if file_name in self._seed_dirs:
+            self._idle_seeds.add(file_name)
 
     def _maybe_drop(self, view: View) -> None:
         if view.retired and view.live <= 0 and view.id in self.by_id:
@@ -334,6 +381,7 @@ class Vfs:
             self._seed_refs.pop(name, None)
             self._seed_dirs.pop(name, None)
             self.seeds.release(name)
+        self._idle_seeds.clear()
 
     # ----------------------------------------------------------------- inodes
 
@@ -357,15 +405,30 @@ class Vfs:
             ino = self._fallback[key] = _FALLBACK_FIRST + len(self._fallback)
         return ino
 
-    def remember(self, ino: int, view: View | None, entry: Entry) -> Node:
-        """Count one more kernel reference to ``ino`` (a lookup or a readdirplus entry)."""
+    def remember(self, ino: int, view: View | None, entry: Entry, parent: int = 0, name: bytes = b"") -> Node:
+        """Count one more kernel reference to ``ino`` (a lookup or a readdirplus entry of ``name`` in ``parent``)."""
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, view, entry)
+            node.parent, node.name = parent, name
             if view is not None:
                 view.live += 1
+                if view.retired:
+                    self._to_drop.append(ino)
         node.nlookup += 1
         return node
+
+    def take_entries_to_drop(self) -> list[tuple[int, bytes]]:
+        """(parent, name) of the kernel's cached entries in retired views, for invalidation.
+
+        The kernel keeps unused entries cached until memory runs short, and a
+        retired view's bins stay on disk while it knows any of them; dropping
+        them lets it forget the view as soon as nothing holds it open.
+        """
+        out = [(node.parent, node.name) for ino in self._to_drop
+               if (node := self.nodes.get(ino)) is not None and node.parent]
+        self._to_drop.clear()
+        return out
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references; free the node when none are left."""
@@ -383,6 +446,7 @@ class Vfs:
         """Assemble a view's stack: done on the first lookup inside it, never for the root."""
         if view.built:
             return
+        view.bin_ids = self._bin_ids(view)
         entry = self._root_entry(view)
         entry.branches = layerstack.root_branches(view.layers)
         view.marks = layerstack.opaque_marks(
@@ -390,6 +454,29 @@ class Vfs:
             for n in view.spec.bins)
         view.built = True
         self.counters.stacks_built += 1
+
+    def _bin_ids(self, view: View) -> tuple[tuple[int, int], ...]:
+        """Where a view's bins are now; ESTALE if one is gone (it must not read a lower layer instead)."""
+        ids = []
+        for number in view.spec.bins:
+            try:
+                st = os.stat(self.layout.bin(number))
+            except FileNotFoundError:
+                raise OSError(errno.ESTALE, f"bin {number} of {view.name} is gone") from None
+            ids.append((st.st_dev, st.st_ino))
+        return tuple(ids)
+
+    def check_layers(self, view: View | None) -> None:
+        """Answer ESTALE for a retired view whose bins vanished (call it after resolving a name).
+
+        Writers leave a live view's bins in place (see :meth:`usage`); this is
+        the guard for when they could not know: a bin deleted all the same is
+        never silently replaced by the layers below it. Bins are renamed away
+        before their contents go, so a check made after a lookup catches any
+        deletion that could have touched it.
+        """
+        if view is not None and view.retired and view.built and self._bin_ids(view) != view.bin_ids:
+            raise OSError(errno.ESTALE, f"the layers of {view.name} changed")
 
     def view_of_root(self, ino: int) -> View | None:
         if ino >> VIEW_SHIFT == 0 or ino & ((1 << VIEW_SHIFT) - 1):
@@ -401,11 +488,10 @@ class Vfs:
     def lookup(self, parent: int, name: bytes) -> tuple[int, Entry] | None:
         """Resolve ``name`` in directory ``parent`` and count the reference; None if absent."""
         if parent == ROOT_INO:
-            self.maybe_refresh()
             for item_name, ino, entry in self.root_items:
                 if item_name == name:
                     view = self.view_of_root(ino)
-                    self.remember(ino, view, entry)
+                    self.remember(ino, view, entry, parent, name)
                     return ino, entry
             return None
         node = self.nodes[parent]
@@ -421,17 +507,17 @@ class Vfs:
             _, ino, entry = node.listing.items[i]
         else:
             found = layerstack.lookup(node.entry.branches, name, view.marks)
+            self.check_layers(view)
             if found is None:
                 return None
             entry = found
             ino = self.ino_of(view, entry)
-        self.remember(ino, view, entry)
+        self.remember(ino, view, entry, parent, name)
         return ino, entry
 
     def listing(self, ino: int) -> list[tuple[bytes, int, Entry]]:
         """A directory's merged entries in a fixed order (offset = index + 1)."""
         if ino == ROOT_INO:
-            self.maybe_refresh()
             return self.root_items
         node = self.nodes[ino]
         view = node.view
@@ -441,13 +527,12 @@ class Vfs:
             if node.ino == view.root_ino:
                 self.build(view)
             items = [(name, self.ino_of(view, e), e) for name, e in layerstack.listdir(node.entry.branches, view.marks)]
+            self.check_layers(view)
             node.listing = Listing(items)
             self.counters.listings_built += 1
         return node.listing.items
 
     def attributes(self, ino: int) -> Entry:
-        if ino == ROOT_INO:
-            self.maybe_refresh()
         return self.nodes[ino].entry
 
     def readlink(self, ino: int) -> bytes:

@@ -89,9 +89,9 @@ class World:
     def save(self) -> None:
         history_mod.save(self.layout.history, self.history)
 
-    def ops(self, clock: Callable[[], float] | None = None) -> tuple[FuseOps, Vfs, Recorder]:
+    def ops(self) -> tuple[FuseOps, Vfs, Recorder]:
         seeds = PlainSeeds(lambda name: os.fsencode(self.seed_dir))
-        vfs = Vfs(self.layout, seeds, clock=clock) if clock else Vfs(self.layout, seeds)
+        vfs = Vfs(self.layout, seeds)
         vfs.refresh()
         rec = Recorder()
         return FuseOps(vfs, rec), vfs, rec
@@ -280,15 +280,14 @@ def test_readdir_offsets_resume_where_they_stopped(tmp_path: Path) -> None:
 
 def test_a_new_commit_appears_and_the_root_is_invalidated(tmp_path: Path) -> None:
     w = World(tmp_path)
-    now = [0.0]
-    ops, vfs, rec = w.ops(clock=lambda: now[0])
+    ops, vfs, rec = w.ops()
     old_view = lookup_path(ops, b"2026-11-03").st_ino
     a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
     fi = run(ops.open, a.st_ino, os.O_RDONLY, None)
     b2 = w.add_bin(2)
     (b2 / "added.txt").write_text("night 2\n")
     w.commit(2, 2)
-    now[0] += 10
+    run(ops.tick)  # housekeeping notices the commit
     names = [n for n, _, _ in listdir(ops, ROOT_INO)]
     assert b"2026-11-04" in names and b"wed" in names
     assert run(ops.readlink, lookup_path(ops, b"latest").st_ino, None) == b"2026-11-04"
@@ -304,7 +303,7 @@ def test_a_new_commit_appears_and_the_root_is_invalidated(tmp_path: Path) -> Non
         Seed(file="seed.2.sfs", generation=2, time=at(1), created=at(3), absorbed=(1,)),
         remaining=w.history.bins[1:])
     w.save()
-    now[0] += 10
+    run(ops.tick)
     names = [n for n, _, _ in listdir(ops, ROOT_INO)]
     assert b"2026-11-02" not in names and b"2026-11-03" in names
     assert lookup_path(ops, b"2026-11-03").st_ino != old_view
@@ -313,17 +312,19 @@ def test_a_new_commit_appears_and_the_root_is_invalidated(tmp_path: Path) -> Non
     for ino, node in list(vfs.nodes.items()):
         if node.view is not None and node.view.seed_file == "seed.sfs":
             run(ops.forget, [(ino, node.nlookup)])
+    run(ops.tick)  # housekeeping unmounts it
     assert vfs.seeds.released == ["seed.sfs"]  # type: ignore[attr-defined]
 
 
-def test_history_is_looked_at_rarely(tmp_path: Path) -> None:
-    now = [0.0]
-    ops, vfs, _ = World(tmp_path).ops(clock=lambda: now[0])
+def test_history_is_looked_at_only_by_housekeeping(tmp_path: Path) -> None:
+    ops, vfs, _ = World(tmp_path).ops()
     checks = vfs.counters.history_checks
     for _ in range(50):
         run(ops.getattr, ROOT_INO, None)
         run(ops.lookup, ROOT_INO, b"latest", None)
-    assert vfs.counters.history_checks <= checks + 1
+    assert vfs.counters.history_checks == checks
+    run(ops.tick)
+    assert vfs.counters.history_checks == checks + 1
 
 
 def test_sequential_reads_from_the_seed_are_prefetched(tmp_path: Path) -> None:

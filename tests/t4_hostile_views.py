@@ -1,0 +1,117 @@
+"""A mounted view never shows another day's data across a resquash (docs/filesystem.md).
+
+A directory held open in a view (a shell's cwd, a file manager's window)
+keeps naming its day after a resquash merged that day into the seed: it
+reads that day's files, or ESTALE, never the older seed's. A daemon that could
+not load the new history keeps its bins too, and tries again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from squashfu_fs import readers
+from squashfu_fs.mountd import daemon_pid, state_dir
+
+from .harness import fuse_mounted, history, squashfu
+
+pytestmark = pytest.mark.mounts
+
+
+def night_text(night: int) -> str:
+    return f"night {night}\n" * (night + 1)  # a new size every night: no same-size, same-second change
+
+
+def make_root(scratch: Path, nights: int, max_bins: int, min_bins: int) -> tuple[Path, Path]:
+    src, root = scratch / "src", scratch / "root"
+    (src / "d").mkdir(parents=True)
+    squashfu("init", root, "--source", src, "--max-bins", str(max_bins), "--min-bins", str(min_bins))
+    for night in range(nights):
+        backup(src, root, night)
+    return src, root
+
+
+def backup(src: Path, root: Path, night: int) -> None:
+    (src / "d" / "f").write_text(night_text(night))
+    squashfu("-r", root, "backup", now=f"2026-11-{night + 2:02d}T02:00")
+
+
+def eventually(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def read_or_estale(dir_fd: int, name: str) -> str | None:
+    """The file's text through a held directory, or None for ESTALE (an honest refusal)."""
+    try:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ESTALE:
+            return None
+        raise
+    with os.fdopen(fd) as f:
+        return f.read()
+
+
+def bins(root: Path) -> set[str]:
+    return {p.name for p in (root / "bins").iterdir() if p.name.isdigit()}
+
+
+@pytest.mark.parametrize("holder", ["shell", "file-manager"])
+def test_a_directory_held_open_across_the_resquash_of_its_day_reads_that_day(scratch: Path, holder: str) -> None:
+    src, root = make_root(scratch, nights=3, max_bins=3, min_bins=1)  # seed 11-02, bins 1 (11-03), 2 (11-04)
+    mp = scratch / "view"
+    with fuse_mounted(root, mp):
+        if holder == "shell":  # a cwd in bin 1's day: O_PATH, like chdir, looks the directory up, never lists it
+            held = os.open(mp / "2026-11-03" / "d", os.O_PATH | os.O_DIRECTORY)
+        else:  # a window showing the directory: opened and listed
+            held = os.open(mp / "2026-11-03" / "d", os.O_RDONLY | os.O_DIRECTORY)
+            assert os.listdir(held) == ["f"]
+        try:
+            backup(src, root, 3)
+            backup(src, root, 4)  # five nights, max_bins 3: bins 1..3 merge into a new seed
+            h = history(root)
+            assert h["seed"]["absorbed"] == [1, 2, 3], h["seed"]
+            eventually(lambda: not readers.lagging(root, h["generation"]), "the daemon never loaded the resquash")
+            got = read_or_estale(held, "f")
+            assert got in (night_text(1), None), f"the held 2026-11-03/d reads {got!r}, another day's data"
+            assert bins(root) == {"1", "4"}, "the held view's bin was deleted, or unused ones were kept"
+        finally:
+            os.close(held)
+        # Once the kernel forgets the view, the next writer deletes what the resquash left.
+        eventually(lambda: (squashfu("-r", root, "resquash", expect=None).returncode == 0
+                            and bins(root) == {"4"}), "the left bins were never deleted")
+        assert (mp / "latest" / "d" / "f").read_text() == night_text(4)
+
+
+def test_a_failed_reload_is_retried_and_its_views_keep_their_bins(scratch: Path) -> None:
+    src, root = make_root(scratch, nights=3, max_bins=2, min_bins=1)  # seed 11-02, bins 1 (11-03), 2 (11-04)
+    mp = scratch / "view"
+    with fuse_mounted(root, mp):
+        pid = daemon_pid(mp)
+        eventually(lambda: not readers.lagging(root, history(root)["generation"]), "the daemon never started")
+        blocker = state_dir(mp) / "seeds" / "seed.2.sfs"
+        blocker.write_text("")  # where the daemon would mount the next seed: that mount now fails
+        try:
+            backup(src, root, 3)  # three bins, max_bins 2: bins 1 and 2 merge into seed.2.sfs
+            generation = history(root)["generation"]
+            assert history(root)["seed"]["file"] == "seed.2.sfs"
+            assert readers.lagging(root, generation) == [pid], "a daemon that failed to load said it had"
+            assert {"1", "2"} <= bins(root), "bins the lagging daemon's views use were deleted"
+            assert (mp / "2026-11-03" / "d" / "f").read_text() == night_text(1)
+            assert (mp / "2026-11-04" / "d" / "f").read_text() == night_text(2)
+        finally:
+            blocker.unlink()
+        eventually(lambda: not readers.lagging(root, generation), "the failed reload was never tried again")
+        assert os.readlink(mp / "latest") == "2026-11-05"
+        assert (mp / "latest" / "d" / "f").read_text() == night_text(3)
+        eventually(lambda: (squashfu("-r", root, "resquash", expect=None).returncode == 0
+                            and bins(root) == {"3"}), "the left bins were never deleted")
