@@ -162,7 +162,8 @@ def mount_history(root: Path, mountpoint: Path, *, foreground: bool, allow_other
     fuse_options = set(FUSE_OPTIONS) | set(options)
     if allow_other:
         fuse_options.add("allow_other")
-    if foreground:
+    if foreground:  # systemd's way: it needs the same cwd, umask and descriptor limit as a daemon
+        _detach()
         _setup_logging(None, verbose, to_stderr=True)
         serve(layout, mountpoint, fuse_options, ready=None)
         return
