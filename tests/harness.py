@@ -69,10 +69,11 @@ def bin_entries(root: Path, number: int) -> list[bytes]:
 
 
 @contextmanager
-def fuse_mounted(root: Path, mountpoint: Path) -> Iterator[Path]:
-    """``squashfu mount`` for a block: always unmounted, and its daemon gone, afterwards."""
+def fuse_mounted(root: Path, mountpoint: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> Iterator[Path]:
+    """``squashfu mount [EXTRA]`` for a block: always unmounted, and its daemon gone, afterwards."""
     mountpoint.mkdir(exist_ok=True)
-    squashfu("-r", root, "mount", mountpoint, "--log", mountpoint.parent / "daemon.log")
+    squashfu("-r", root, "mount", mountpoint, "--log", mountpoint.parent / "daemon.log", *extra, env=env)
     pid = daemon_pid(mountpoint)
     assert pid is not None, "the daemon's pid file is missing"
     try:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from squashfu_fs import mounts
-from squashfu_fs.mountd import daemon_pid, state_dir
+from squashfu_fs.mountd import state_dir
 
 from .conftest import force_unmount
-from .harness import NOBODY, as_nobody, history, reachable_by_others, run_as_nobody, squashfu
+from .harness import NOBODY, as_nobody, fuse_mounted, history, reachable_by_others, run_as_nobody, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -142,27 +139,10 @@ def test_a_writer_refuses_a_root_another_user_owns_and_a_planted_lock(scratch: P
     squashfu("-r", root, "backup", now="2026-11-02T02:00")
 
 
-@contextmanager
 def mounted_for_everyone(root: Path, mountpoint: Path, *extra: str,
-                         env: dict[str, str] | None = None) -> Iterator[Path]:
+                         env: dict[str, str] | None = None) -> AbstractContextManager[Path]:
     """A root-run ``squashfu mount --allow-other``, always unmounted and its daemon gone afterwards."""
-    mountpoint.mkdir(exist_ok=True)
-    squashfu("-r", root, "mount", mountpoint, "--allow-other", "--log", mountpoint.parent / "daemon.log",
-             *extra, env=env)
-    pid = daemon_pid(mountpoint)
-    assert pid is not None
-    try:
-        yield mountpoint
-    finally:
-        squashfu("umount", mountpoint, expect=None)
-        force_unmount(mountpoint)
-        for _ in range(250):
-            if daemon_pid(mountpoint) is None:
-                break
-            time.sleep(0.02)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            squashfu("umount", mountpoint, expect=None)
+    return fuse_mounted(root, mountpoint, "--allow-other", *extra, env=env)
 
 
 def test_other_users_browse_through_allow_other_with_recorded_permissions(scratch: Path) -> None:
