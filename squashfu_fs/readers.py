@@ -5,7 +5,10 @@ has not yet noticed the new history could still resolve names through them
 and answer wrongly, then let the kernel cache that answer. So each daemon
 records the root it serves and the history generation it has loaded, and a
 resquash waits (briefly, never for a dead or hung daemon) until every live
-reader of its root has caught up before it deletes anything.
+reader of its root has caught up before it deletes anything. The root is
+recorded by device and inode: a daemon started through ``/backup`` (a
+symlink or a bind mount) serves the same root as a resquash run on
+``/srv/backup``.
 """
 
 from __future__ import annotations
@@ -49,17 +52,24 @@ def make_state_dir(state: Path) -> None:
 def acknowledge(state: Path, root: Path, generation: int) -> None:
     """A daemon says it now serves ``root`` at history ``generation``."""
     pid = os.getpid()
-    record = {"root": os.fspath(root), "generation": generation, "pid": pid, "start": process_start_time(pid)}
+    st = os.stat(root)
+    record = {"root": os.fspath(root), "dev": st.st_dev, "ino": st.st_ino, "generation": generation, "pid": pid,
+              "start": process_start_time(pid)}
     atomic_write(state / SEEN, json.dumps(record).encode())
 
 
 def lagging(root: Path, generation: int) -> list[int]:
     """PIDs of live daemons serving ``root`` that have not loaded ``generation`` yet."""
+    st = os.stat(root)
     out = []
     for seen in _state_dirs():
         try:
             record = json.loads((seen / SEEN).read_text())
-            if record["root"] != os.fspath(root) or record["generation"] >= generation:
+            if "dev" in record:
+                same = (record["dev"], record["ino"]) == (st.st_dev, st.st_ino)
+            else:  # written by an older daemon: its text is all there is
+                same = os.path.realpath(record["root"]) == os.path.realpath(root)
+            if not same or record["generation"] >= generation:
                 continue
             pid = int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
