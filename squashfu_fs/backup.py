@@ -26,7 +26,7 @@ from . import changes, clock, faults, layerstack, mounts, placement, privacy, re
 from . import config as config_mod
 from . import history as history_mod
 from .config import Config
-from .errors import InUseError, PartialBackupError, UsageError
+from .errors import InUseError, PartialBackupError, SquashfuError, UsageError, describe
 from .excludes import Excludes
 from .history import Bin, History, Seed, fsync_dir
 from .layout import RootLayout
@@ -136,6 +136,7 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
             history, scan, result = _make_first_seed(layout, history, config, when, progress, verbose, log_file)
         else:
             history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file)
+        retention_failed = ""
         if len(history.bins) > config.max_bins:
             from .resquash import resquash
 
@@ -143,6 +144,14 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
                 resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)
             except InUseError as exc:  # the backup itself is committed: say why retention waits
                 print(f"squashfu: backup committed; retention postponed: {exc}", file=sys.stderr)
+            except (SquashfuError, OSError) as exc:  # committed all the same: exit 3, not 1 (docs/commands.md)
+                retention_failed = f"retention failed: {describe(exc)}; the next backup retries it"
+    if retention_failed:
+        try:
+            _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
+        except PartialBackupError as exc:
+            raise PartialBackupError(f"{exc}; {retention_failed}") from None
+        raise PartialBackupError(f"backup committed; {retention_failed}")
     _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
     _tidy_logs(layout, log_file)
 

@@ -27,6 +27,7 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # names a directory; needs no read permission on it
 
 
 class _OpenHow(ctypes.Structure):
@@ -165,3 +166,30 @@ def fd_path(fd: int) -> str:
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     """Whether two stats are of one object: device and inode, never the path text."""
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+MAX_DEPTH = 4096  # PATH_MAX / 1: no real tree is deeper
+
+
+def lineage(fd: int) -> list[os.stat_result]:
+    """The directory open on ``fd`` and every directory above it, up to ``/``, found by ``..``.
+
+    Climbing by ``..`` from a file descriptor reads the kernel's own idea of
+    the parent: no path text, no symlink, so a renamed or symlinked path
+    cannot make a directory look as if it sat somewhere else. ``O_PATH``
+    opens need no read permission, so a normal user can climb too.
+    """
+    chain = [os.fstat(fd)]
+    current = os.open(".", PATH_FLAGS, dir_fd=fd)
+    try:
+        for _ in range(MAX_DEPTH):
+            parent = os.open("..", PATH_FLAGS, dir_fd=current)
+            os.close(current)
+            current = parent
+            st = os.fstat(current)
+            if same_file(st, chain[-1]):  # ".." of "/" is "/"
+                break
+            chain.append(st)
+    finally:
+        os.close(current)
+    return chain

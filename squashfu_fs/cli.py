@@ -1,7 +1,9 @@
-"""The command line (DESIGN §6): thin click commands over the real modules.
+"""The command line (docs/commands.md): thin click commands over the real modules.
 
-Shared options are defined once; every :class:`SquashfuError` becomes one line
-on stderr and its exit code, never a traceback.
+Shared options are defined once. Every command ends with one line on stderr
+and a documented exit status, never a traceback: a :class:`SquashfuError`
+carries its status, any other error is a failure (1). ``--debug`` (or
+``SQUASHFU_DEBUG=1``) prints the traceback above that line.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,13 +20,14 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .errors import SquashfuError
+from .errors import SquashfuError, describe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _root_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
-    return None if value is None else Path(os.path.abspath(value))
+    """The root as the kernel resolves it now; code that must know it is the same root compares devices."""
+    return None if value is None else Path(os.path.realpath(value))
 
 
 def needs_root(func: F) -> F:
@@ -46,18 +50,34 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 class SquashfuGroup(click.Group):
-    """Turns SquashfuError into one line and its exit status."""
+    """Turns every error into one line and its exit status (docs/commands.md#exit-status)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         signal.signal(signal.SIGTERM, _terminated)
         try:
             return super().invoke(ctx)
-        except SquashfuError as exc:
-            click.echo(f"squashfu: {exc}", err=True)
-            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own: usage errors (2), --help and --version
         except KeyboardInterrupt:
-            click.echo("squashfu: interrupted", err=True)
-            sys.exit(130)
+            _fail(ctx, "interrupted", 130)
+        except SquashfuError as exc:
+            _fail(ctx, describe(exc), exc.exit_code)
+        except OSError as exc:  # a system call failed where no SquashfuError was meant: nothing committed
+            _fail(ctx, describe(exc), 1)
+        except Exception as exc:
+            _fail(ctx, f"internal error: {describe(exc)} (run with --debug for the traceback)", 1)
+
+
+def _fail(ctx: click.Context, message: str, status: int) -> None:
+    """One line on stderr (control characters in names escaped), the traceback too with --debug."""
+    if ctx.params.get("debug"):
+        traceback.print_exc()
+    click.echo("squashfu: " + message.translate(_CONTROL), err=True)
+    sys.exit(status)
+
+
+# A newline in a file name must not split the one line: show it as \n, like other control characters.
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t"}
 
 
 progress_option = click.option(
@@ -69,8 +89,10 @@ verbose_option = click.option("-v", "--verbose", is_flag=True, help="Say what is
 @click.group(cls=SquashfuGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-r", "--root", envvar="SQUASHFU_ROOT", callback=_root_callback,
               metavar="ROOT", help="The backup root (or SQUASHFU_ROOT).")
+@click.option("--debug", is_flag=True, envvar="SQUASHFU_DEBUG",
+              help="On an error, print the traceback too (or SQUASHFU_DEBUG=1).")
 @click.version_option(__version__, prog_name="squashfu")
-def main(root: Path | None) -> None:
+def main(root: Path | None, debug: bool) -> None:
     """Incremental, compressed backups you can walk into day by day."""
 
 

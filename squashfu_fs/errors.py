@@ -6,6 +6,8 @@ nothing below the CLI calls ``sys.exit``.
 
 from __future__ import annotations
 
+import os
+
 
 class SquashfuError(Exception):
     """A failure the user should read about: nothing was committed."""
@@ -59,3 +61,15 @@ class PartialError(SquashfuError):
 
 class PartialBackupError(PartialError):
     """The backup was committed, but some source files could not be read."""
+
+
+def describe(exc: BaseException) -> str:
+    """An error as the one line the CLI prints: an OSError as "FILE: reason", not Python's repr."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [_name(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return ": ".join([*names, exc.strerror])
+    return str(exc) or type(exc).__name__
+
+
+def _name(name: object) -> str:
+    return os.fsdecode(name) if isinstance(name, str | bytes) else str(name)

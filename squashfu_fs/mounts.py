@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import beneath
 from .errors import ExternalCommandError, SquashfuError, UsageError
 from .system import run
 
@@ -35,7 +36,8 @@ class MountEntry:
     fstype: str
     device: int  # st_dev of the mounted filesystem
     source: bytes
-    super_options: str
+    super_options: str  # as mountinfo shows them: values still octal-escaped (see option_values)
+    fs_root: bytes = b"/"  # the directory of the filesystem mounted here (not "/" for a bind mount)
 
 
 def _unescape(raw: bytes) -> bytes:
@@ -57,7 +59,8 @@ def mount_table() -> list[MountEntry]:
                 fstype=fstype.decode(),
                 device=os.makedev(int(major), int(minor)),
                 source=_unescape(source),
-                super_options=opts.decode(errors="replace"),
+                super_options=opts.decode(errors="surrogateescape"),
+                fs_root=_unescape(fields[3]),
             ))
     return entries
 
@@ -70,6 +73,94 @@ def find_mount(path: str | os.PathLike[str]) -> MountEntry | None:
         if entry.mount_point == target:
             found = entry
     return found
+
+
+def option_values(entry: MountEntry, name: str) -> list[bytes]:
+    """The values of option ``name`` in a mount's super options, exactly as they were given to mount.
+
+    mountinfo separates options with commas and octal-escapes the comma,
+    space, tab, newline and backslash inside a value, so split first, then
+    unescape.
+    """
+    prefix = name.encode() + b"="
+    raw = os.fsencode(entry.super_options)
+    return [_unescape(o)[len(prefix):] for o in raw.split(b",") if _unescape(o).startswith(prefix)]
+
+
+def split_layers(lowerdir: bytes) -> list[bytes]:
+    """An overlay ``lowerdir`` value as the paths it names: ``:`` separates, ``\\`` escapes (see _escape_layer)."""
+    layers, current, escaped = [], bytearray(), False
+    for byte in lowerdir:
+        if escaped:
+            current.append(byte)
+            escaped = False
+        elif byte == ord("\\"):
+            escaped = True
+        elif byte == ord(":"):
+            layers.append(bytes(current))
+            current = bytearray()
+        else:
+            current.append(byte)
+    layers.append(bytes(current))
+    return layers
+
+
+def overlay_layers(entry: MountEntry) -> list[bytes]:
+    """Every layer path an overlay mount was given, whether as one ``lowerdir`` list or one by one."""
+    layers = [layer for value in option_values(entry, "lowerdir") for layer in split_layers(value)]
+    return layers + option_values(entry, "lowerdir+") + option_values(entry, "datadir+")
+
+
+def aliases(fd: int) -> list[bytes]:
+    """Every path at which the directory open on ``fd`` is visible: bind mounts included.
+
+    Text from mountinfo only proposes candidates; each one is kept only if it
+    is the same directory by device and inode.
+    """
+    st = os.fstat(fd)
+    here = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+    table = [e for e in mount_table() if e.device == st.st_dev]
+    through = [e for e in table if _below(here, e.mount_point)]
+    if not through:  # e.g. a btrfs subvolume, whose files report another device than its mount
+        return [here]
+    entry = max(through, key=lambda e: len(e.mount_point))
+    inner = entry.fs_root.rstrip(b"/") + here[len(entry.mount_point.rstrip(b"/")):]
+    found = [here]
+    for other in table:
+        if not _below(inner, other.fs_root):
+            continue
+        candidate = other.mount_point.rstrip(b"/") + inner[len(other.fs_root.rstrip(b"/")):]
+        try:
+            cst = os.stat(candidate or b"/")
+        except OSError:
+            continue
+        if (cst.st_dev, cst.st_ino) == (st.st_dev, st.st_ino) and candidate not in found:
+            found.append(candidate or b"/")
+    return found
+
+
+def above(fd: int) -> set[tuple[int, int]]:
+    """(device, inode) of ``fd``'s directory and of every directory above it, through every alias.
+
+    ``X in above(fd)`` means the directory open on ``fd`` is X or sits inside
+    it, however either is named: ``..`` is climbed from file descriptors
+    (:func:`beneath.lineage`), starting again from every bind mount of it.
+    """
+    ids = {(s.st_dev, s.st_ino) for s in beneath.lineage(fd)}
+    for alias in aliases(fd)[1:]:
+        try:
+            alias_fd = os.open(alias, beneath.PATH_FLAGS)
+        except OSError:
+            continue
+        try:
+            ids.update((s.st_dev, s.st_ino) for s in beneath.lineage(alias_fd))
+        finally:
+            os.close(alias_fd)
+    return ids
+
+
+def _below(path: bytes, top: bytes) -> bool:
+    return top == b"/" or path == top or path.startswith(top.rstrip(b"/") + b"/")
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
@@ -183,19 +274,34 @@ def unmount_all_below(path: str | os.PathLike[str]) -> list[bytes]:
 
 
 def check_mountpoint(root: Path, mountpoint: Path) -> None:
-    """A mount point of the history must be an existing empty directory, outside the backup root."""
-    mp = os.path.realpath(mountpoint)
-    real_root = os.path.realpath(root)
-    if mp == real_root or mp.startswith(real_root.rstrip("/") + "/"):
-        raise UsageError(f"mountpoint {mountpoint} is inside the backup root {root}; choose another")
-    if real_root.startswith(mp.rstrip("/") + "/"):
-        raise UsageError(f"mountpoint {mountpoint} contains the backup root {root}; choose another")
-    if is_mounted(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mount point (`squashfu umount {mountpoint}` first)")
+    """A mount point of the history must be an existing empty directory, outside the backup root.
+
+    Inside and around are judged by device and inode (:func:`above`), so a
+    symlink or a bind mount of the root is seen through.
+    """
     try:
-        if not os.path.isdir(mountpoint):
-            raise UsageError(f"mountpoint {mountpoint} is not an existing directory")
-        if os.listdir(mountpoint):
+        fd = os.open(mountpoint, beneath.DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"mountpoint {mountpoint} is not an existing directory") from None
+    except OSError as exc:  # e.g. a FUSE mount whose daemon died: "Transport endpoint is not connected"
+        if is_mounted(mountpoint):
+            raise UsageError(f"{mountpoint} is already a mount point (`squashfu umount {mountpoint}` first)") from None
+        raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    try:
+        root_fd = os.open(root, beneath.PATH_FLAGS)
+        try:
+            st, root_st = os.fstat(fd), os.fstat(root_fd)
+            if (root_st.st_dev, root_st.st_ino) in above(fd):
+                raise UsageError(f"mountpoint {mountpoint} is inside the backup root {root}; choose another")
+            if (st.st_dev, st.st_ino) in above(root_fd):
+                raise UsageError(f"mountpoint {mountpoint} contains the backup root {root}; choose another")
+        finally:
+            os.close(root_fd)
+        if is_mounted(mountpoint):
+            raise UsageError(f"{mountpoint} is already a mount point (`squashfu umount {mountpoint}` first)")
+        if os.listdir(fd):
             raise UsageError(f"mountpoint {mountpoint} is not empty")
     except OSError as exc:
         raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    finally:
+        os.close(fd)

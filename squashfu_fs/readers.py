@@ -9,7 +9,10 @@ replaced atomically, the root it serves, the history generation it has
 loaded and every bin and seed file its live views read. A writer waits
 briefly (never for a dead or hung daemon) for readers to catch up, then
 deletes only what no live reader may still read (:func:`in_use`); what it
-leaves, a later writer's recovery deletes once nobody reads it.
+leaves, a later writer's recovery deletes once nobody reads it. The root is
+recorded by device and inode: a daemon started through ``/backup`` (a
+symlink or a bind mount) serves the same root as a resquash run on
+``/srv/backup``.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def acknowledge(state: Path, root: Path, generation: int, bins: Iterable[int] = 
                 seeds: Iterable[str] = ()) -> None:
     """A daemon says it serves ``root`` at history ``generation`` (-1: not loaded yet) and reads these layers."""
     pid = os.getpid()
-    record = {"root": os.fspath(root), "generation": generation, "pid": pid, "start": process_start_time(pid),
-              "bins": sorted(bins), "seeds": sorted(seeds)}
+    st = os.stat(root)
+    record = {"root": os.fspath(root), "dev": st.st_dev, "ino": st.st_ino, "generation": generation, "pid": pid,
+              "start": process_start_time(pid), "bins": sorted(bins), "seeds": sorted(seeds)}
     atomic_write(state / SEEN, json.dumps(record).encode())
 
 
@@ -73,11 +77,16 @@ class Reader:
 
 def live_readers(root: Path) -> list[Reader]:
     """The live daemons serving ``root`` and what each last published."""
+    st = os.stat(root)
     out = []
     for state in _state_dirs():
         try:
             record = json.loads((state / SEEN).read_text())
-            if record["root"] != os.fspath(root):
+            if "dev" in record:
+                same = (record["dev"], record["ino"]) == (st.st_dev, st.st_ino)
+            else:  # written by an older daemon: its text is all there is
+                same = os.path.realpath(record["root"]) == os.path.realpath(root)
+            if not same:
                 continue
             pid = int(record["pid"])
             bins = record.get("bins")

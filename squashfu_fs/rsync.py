@@ -68,11 +68,12 @@ def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from
     return [*args, _dir(source), _dir(target)]
 
 
-def copy_args(source: bytes, target: Path, *, delete: bool = False) -> list[str | bytes]:
+def copy_args(source: bytes, target: bytes | Path, *, delete: bool = False) -> list[str | bytes]:
     """The rsync command that copies out of the history with all metadata.
 
     ``source`` is passed verbatim: with a trailing slash rsync copies a
-    directory's contents, without one the directory itself.
+    directory's contents, without one the directory itself. Restore passes
+    both as ``/proc/self/fd/N`` names of directories it has checked.
     """
     args: list[str | bytes] = [require("rsync"), *PRESERVE, "--stats"]
     if delete:
@@ -89,19 +90,21 @@ def _dir(path: Path) -> str:
 
 
 def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool = False,
-        echo_items: bool = False, label: str = "rsync") -> RsyncResult:
+        echo_items: bool = False, label: str = "rsync", pass_fds: Sequence[int] = ()) -> RsyncResult:
     """Run rsync, feed a progress bar from ``--info=progress2``, parse its stats.
 
     rsync's stderr (the names of files it could not read) is appended to
     ``log``, or kept in a temporary file; its complaints come back in
     :attr:`RsyncResult.errors`. A status outside :data:`ACCEPTABLE` raises
-    :class:`ExternalCommandError`.
+    :class:`ExternalCommandError`. ``pass_fds`` stay open in rsync (and the
+    receiver it forks), for arguments that name them as ``/proc/self/fd/N``.
     """
     # --no-inc-recursive: the bar's percentage is of the whole tree, not of what was found so far
     args = [args[0], "--info=progress2", "--no-inc-recursive", *args[1:]] if progress else list(args)
     with open(log, "a+b", opener=_private) if log is not None else tempfile.TemporaryFile() as err:
         start = err.tell()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                pass_fds=tuple(pass_fds))
         faults.checkpoint("rsync-running")
         assert proc.stdout is not None
         out = _pump(proc.stdout, progress=progress, echo_items=echo_items, label=label)

@@ -93,3 +93,35 @@ def test_parent_of_gives_an_fd_for_at_calls(mode: str, tree: tuple[Path, Path]) 
         assert name == b"f"
         assert beneath.same_file(os.stat(pfd), os.stat(top / "d"))
         assert beneath.same_file(beneath.lstat_beneath(fd, b"d/f"), os.lstat(top / "d" / "f"))
+
+
+def ids(chain: list[os.stat_result]) -> list[tuple[int, int]]:
+    return [(s.st_dev, s.st_ino) for s in chain]
+
+
+def test_lineage_climbs_the_real_parents_not_the_path_text(tree: tuple[Path, Path]) -> None:
+    """Opened through a symlink, a directory's lineage is that of where it really is."""
+    top, outside = tree
+    (outside / "sub").mkdir()
+    fd = os.open(top / "link" / "sub", os.O_RDONLY | os.O_DIRECTORY)  # top/link -> outside
+    try:
+        chain = ids(beneath.lineage(fd))
+    finally:
+        os.close(fd)
+    expected = [outside / "sub", *(outside / "sub").parents]
+    assert chain == ids([os.stat(p) for p in expected])
+    assert ids([os.stat(top)])[0] not in chain
+
+
+def test_lineage_follows_a_rename_made_after_the_open(tree: tuple[Path, Path]) -> None:
+    """The fd keeps naming the directory; its parents are where it is now, not where it was."""
+    top, outside = tree
+    fd = os.open(top / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.rename(top / "d", outside / "moved")
+        chain = ids(beneath.lineage(fd))
+    finally:
+        os.close(fd)
+    assert chain[:2] == ids([os.stat(outside / "moved"), os.stat(outside)])
+    assert ids([os.stat(top)])[0] not in chain
+    assert chain[-1] == ids([os.stat("/")])[0]
