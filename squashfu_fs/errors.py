@@ -59,3 +59,7 @@ class PartialError(SquashfuError):
 
 class PartialBackupError(PartialError):
     """The backup was committed, but some source files could not be read."""
+
+
+class SourceChangedError(SquashfuError):
+    """The source is empty or on another filesystem than at the last backup: its disk may be missing."""
