@@ -235,12 +235,13 @@ def test_an_unreadable_mount_in_the_source_is_named_with_exit_3_and_no_debris(
         scratch: Path, fuse_for_users: None) -> None:  # noqa: F811
     src, root = scratch / "src", scratch / "root"
     (src / "m").mkdir(parents=True)
+    (src / "m" / "inner").write_text("backed up before the mount hid it\n")
     (src / "kept").write_text("night 1\n")
     squashfu("init", root, "--source", src)
     squashfu("-r", root, "backup", now="2026-11-02T02:00")
     with foreign_fuse_mount(scratch, src / "m"):
         for night, now in ((2, "2026-11-03T02:00"), (3, "2026-11-04T02:00")):
-            (src / "kept").write_text(f"night {night}\n")
+            (src / "kept").write_text(f"night {night}\n" * night)  # a new size: these nights are full compares
             proc = squashfu("-r", root, "backup", now=now, expect=3)
             line = one_line(proc)
             assert "could not be backed up" in line, line
@@ -248,8 +249,8 @@ def test_an_unreadable_mount_in_the_source_is_named_with_exit_3_and_no_debris(
             assert debris(root) == []
         assert [b["number"] for b in history(root)["bins"]] == [1, 2]
         with rolled_back(root, "latest", scratch / "mp") as mp:
-            assert (mp / "kept").read_text() == "night 3\n"
-            assert (mp / "m").is_dir(), "an unreadable directory is kept as it was, not deleted"
+            assert (mp / "kept").read_text() == "night 3\n" * 3
+            assert (mp / "m" / "inner").exists(), "an unreadable directory is kept as it was, not deleted"
     squashfu("-r", root, "backup", now="2026-11-05T02:00")  # readable again: an ordinary night
 
 
