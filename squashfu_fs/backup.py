@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import changes, clock, faults, layerstack, mounts, placement, privacy, recovery, rsync, squash, unionfix
+from . import beneath, changes, clock, faults, layerstack, mounts, placement, privacy, recovery, rsync, squash, unionfix
 from . import config as config_mod
 from . import history as history_mod
 from .config import Config
-from .errors import InUseError, PartialBackupError, SquashfuError, UsageError, describe
+from .errors import InUseError, PartialBackupError, SourceChangedError, SquashfuError, UsageError, describe
 from .excludes import Excludes
 from .history import Bin, History, Seed, fsync_dir
 from .layout import RootLayout
@@ -100,10 +101,12 @@ class LayerScan:
     whiteout_devices: tuple[bytes, ...]  # 0:0 devices that came from the source
     acl_paths: tuple[bytes, ...]  # entries carrying POSIX ACLs, which SquashFS cannot store
     opaque_dirs: tuple[bytes, ...] = ()  # directories overlay marked opaque (trusted.overlay.opaque=y)
+    deleted: int = 0  # source entries this backup deletes (contents of a deleted directory included)
+    entries_before: int = 0  # source entries at the backup before; 0 when not known
 
 
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
-               verbose: bool = False, full: bool = False) -> None:
+               verbose: bool = False, full: bool = False, allow_source_change: bool = False) -> None:
     """One night's backup: the seed on the first run, a new bin afterwards, then retention."""
     require_root("backup")
     for tool in ("rsync", "mksquashfs", "mount", "umount"):
@@ -135,7 +138,8 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
         if first:
             history, scan, result = _make_first_seed(layout, history, config, when, progress, verbose, log_file)
         else:
-            history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file)
+            history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file,
+                                             allow_source_change)
         retention_failed = ""
         if len(history.bins) > config.max_bins:
             from .resquash import resquash
@@ -174,9 +178,13 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
     notes = [(b"a 0:0 character device cannot be stored (it reads as a deletion): ", scan.whiteout_devices),
              (b"SquashFS cannot store POSIX ACLs: the seed has this entry without its ACL, the next backup "
               b"stores it: ", seed_acls)]
+    mass_deletion = bool(scan.entries_before) and scan.deleted * 2 > scan.entries_before
     with open(log_file, "ab") as log:
         for prefix, names in notes:
             log.writelines(b"squashfu: " + prefix + name + b"\n" for name in names)
+        if mass_deletion:
+            log.write(b"squashfu: this backup deletes %d of the %d entries the source had at the backup "
+                      b"before\n" % (scan.deleted, scan.entries_before))
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
         _say(verbose, f"some source files vanished during the backup; see {log_file}")
     missing = []
@@ -186,6 +194,9 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
     if seed_acls:
         missing.append(f"the seed cannot store the POSIX ACLs of {len(seed_acls)} entries "
                        "(the next backup stores them)")
+    if mass_deletion:
+        missing.append(f"it deletes {scan.deleted} of {scan.entries_before} entries of the source "
+                       "(more than half): check that the source is what it should be")
     if missing:
         raise PartialBackupError(f"backup committed, but {'; '.join(missing)}; see {log_file}")
 
@@ -217,12 +228,15 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     """rsync the source into a staging upper layer, then squash exactly that."""
     start = time.monotonic()
     _say(verbose, "first backup: copying the source into the staging layer")
-    walked = changes.walk(os.fsencode(config.source), Excludes(config.excludes))
-    try:
-        result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file)
-    except BaseException:
-        recovery.remove(layout.staging)
-        raise
+    excludes = Excludes(config.excludes)
+    with _source_opened(config.source) as source_fd:
+        walked = _walk_source(source_fd, excludes, log_file, verbose)
+        try:
+            result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file)
+            copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result)
+        except BaseException:
+            recovery.remove(layout.staging)
+            raise
     scan = scan_layer(layout.staging, source=Path(config.source))
     faults.checkpoint("after-rsync")
     generation = history.seed.generation + 1 if history.seed else 1
@@ -238,16 +252,81 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
                 created=clock.now().isoformat(timespec="seconds"), absorbed=(),
                 duration=round(time.monotonic() - start, 3), bytes=layout.seed(name).stat().st_size,
                 files=squash.inode_count(layout.seed(name)) - 1, rsync_status=result.status,
-                escaped_xattrs=scan.escaped_xattrs)
+                escaped_xattrs=scan.escaped_xattrs, source_device=walked.device, source_fsid=walked.fsid,
+                source_entries=walked.count)
     history = history.with_seed(seed)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")
-    if scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
+    if copied is not None and scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
         lost = set(scan.acl_paths)
-        walked = dataclasses.replace(walked, entries={k: v for k, v in walked.entries.items() if k not in lost})
-    _record_manifest(layout, history, config, walked, result)
+        copied = {k: v for k, v in copied.items() if k not in lost}
+    _record_manifest(layout, history, config, copied)
     recovery.remove(layout.staging)
     return history, scan, result
+
+
+@contextmanager
+def _source_opened(source: str) -> Iterator[int]:
+    """The source's top directory as an fd: every later look at the source is relative to it."""
+    try:
+        fd = os.open(source, beneath.DIR_FLAGS)
+    except OSError as exc:
+        raise SquashfuError(f"cannot open the source {source}: {exc.strerror}; nothing was backed up") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _walk_source(source_fd: int, excludes: Excludes, log_file: Path, verbose: bool) -> changes.Scan:
+    """Walk the source; what vanished or could not be read is named in the log, never raised."""
+    walked = changes.walk_fd(source_fd, excludes)
+    if walked.vanished or walked.unreadable:
+        with open(log_file, "ab") as log:
+            log.writelines(b"squashfu: vanished or replaced while the source was walked: " + rel + b"\n"
+                           for rel in walked.vanished)
+            log.writelines(b"squashfu: cannot read (rsync compares the whole tree tonight): " + rel + b"\n"
+                           for rel in walked.unreadable)
+    if walked.vanished:
+        _say(verbose, f"{len(walked.vanished)} path(s) vanished while the source was walked; see {log_file}")
+    return walked
+
+
+def _copied_entries(source_fd: int, copy: Path, walked: changes.Scan, plan: changes.Changes | None,
+                    excludes: Excludes, result: rsync.RsyncResult) -> changes.Entries | None:
+    """What the backup now holds, as manifest entries; None when no manifest may be written.
+
+    A manifest night re-checks the paths it gave rsync; a full night walks the
+    source again. Paths that moved meanwhile are recorded as unknown, and so
+    is everything below one that ``copy`` (the union, or the staging layer)
+    does not hold as a directory. A moved path that the source no longer has
+    below real directories (a parent became a symlink) is deleted from the
+    copy: rsync opened it by name, maybe through that symlink, so what it read
+    may come from outside the source. See docs/commands.md, "the change manifest".
+    """
+    if result.status not in (rsync.OK, rsync.VANISHED) or not walked.trusted:
+        return None  # tomorrow compares the whole tree again
+    if plan is None:
+        after = changes.walk_fd(source_fd, excludes)
+        if not after.trusted:
+            return None
+        entries, moved = changes.merge_walks(walked.entries, after.entries)
+    else:
+        entries, moved = walked.entries, changes.moved_since(walked.entries, source_fd, plan.changed)
+    if not moved:
+        return entries
+    with beneath.opened_root(copy) as copy_fd:
+        for rel in sorted(moved):
+            if _below_a_non_directory(source_fd, rel):
+                _remove_from_union(copy_fd, rel)
+
+        def is_directory(rel: bytes) -> bool:
+            try:
+                return stat.S_ISDIR(beneath.lstat_beneath(copy_fd, rel).st_mode)
+            except OSError:
+                return False
+
+        return changes.vouch(entries, moved, is_directory)
 
 
 def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
@@ -265,7 +344,8 @@ def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | lis
                        upper=os.path.relpath(layout.staging, layout.root), work=work):
         result = rsync.run(rsync.backup_args(source, layout.rw, excludes), log=log,
                            progress=progress, label="backup")
-        unionfix.restore_dir_times(os.fsencode(source), os.fsencode(layout.rw), os.fsencode(layout.staging))
+        with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
+            unionfix.restore_dir_times(source_fd, union_fd, os.fsencode(layout.staging))
         return result
 
 
@@ -295,35 +375,41 @@ def committed_lowers(layout: RootLayout, history: History) -> list[str]:
 
 def _add_bin(layout: RootLayout, history: History, config: Config, when: datetime,
              progress: bool, verbose: bool, full: bool,
-             log_file: Path) -> tuple[History, LayerScan, rsync.RsyncResult]:
+             log_file: Path, allow_source_change: bool = False) -> tuple[History, LayerScan, rsync.RsyncResult]:
     """Write tonight's changes into a new bin and commit it."""
     assert history.seed is not None
     start = time.monotonic()
     number = history.next_bin
     partial = layout.partial_bin(number)
-    partial.mkdir()
     source = Path(config.source)
     excludes = Excludes(config.excludes)
-    walked = changes.walk(os.fsencode(source), excludes)
-    plan = None if full or not excludes.understood else _change_plan(layout, history, config, walked)
-    _say(verbose, f"backing up into bin {number}" + (
-        f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
-        ": comparing the whole tree"))
-    try:
-        with seed_mounted(layout, history.seed), overlay_union(
-                layout, committed_lowers(layout, history),
-                upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)):
-            if plan is None:
-                args = rsync.backup_args(source, layout.rw, config.excludes)
-            else:
-                args = _apply_deletions_and_list(layout, config, plan, number)
-            result = rsync.run(args, log=log_file, progress=progress, label="backup")
-            (layout.work / f"changed-{number}").unlink(missing_ok=True)
-            result = _repair_acls(os.fsencode(source), os.fsencode(layout.rw), result, verbose)
-            fix_union(os.fsencode(source), os.fsencode(layout.rw), os.fsencode(partial), verbose)
-    except BaseException:
-        recovery.remove(partial)  # nothing committed; leave no debris either
-        raise
+    with _source_opened(config.source) as source_fd:
+        walked = _walk_source(source_fd, excludes, log_file, verbose)
+        moved_fs = _check_source(history, config.source, walked, allow_source_change)
+        plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
+                                                                                     walked)
+        _say(verbose, f"backing up into bin {number}" + (
+            f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
+            ": comparing the whole tree"))
+        partial.mkdir()
+        try:
+            with seed_mounted(layout, history.seed), overlay_union(
+                    layout, committed_lowers(layout, history),
+                    upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
+                    beneath.opened_root(layout.rw) as union_fd:
+                deleted = 0
+                if plan is None:
+                    args = rsync.backup_args(source, layout.rw, config.excludes)
+                else:
+                    args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
+                result = rsync.run(args, log=log_file, progress=progress, label="backup")
+                (layout.work / f"changed-{number}").unlink(missing_ok=True)
+                result = _repair_acls(source_fd, union_fd, result, verbose)
+                fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
+                copied = _copied_entries(source_fd, layout.rw, walked, plan, excludes, result)
+        except BaseException:
+            recovery.remove(partial)  # nothing committed; leave no debris either
+            raise
     faults.checkpoint("after-rsync")
     scan = scan_layer(partial, source=Path(config.source))
     record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
@@ -331,16 +417,46 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     os.rename(partial, layout.bin(number))
     fsync_dir(layout.bins)
     faults.checkpoint("bin-renamed")
+    last = history.bins[-1] if history.bins else history.seed
     new = Bin(number=number, time=when.isoformat(timespec="seconds"),
               duration=round(time.monotonic() - start, 3), bytes=scan.size, files=scan.files,
               rsync_status=result.status, escaped_xattrs=scan.escaped_xattrs,
-              compare="full" if plan is None else "manifest")
+              compare="full" if plan is None else "manifest", source_device=walked.device,
+              source_fsid=walked.fsid, source_entries=walked.count)
     history = history.with_bin(new)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")
-    _record_manifest(layout, history, config, walked, result)
+    _record_manifest(layout, history, config, copied)
     _say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
+    scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
+                               entries_before=last.source_entries or 0)
     return history, scan, result
+
+
+def _check_source(history: History, source: str, walked: changes.Scan, allow: bool) -> bool:
+    """Refuse a source that is empty or on another filesystem than at the last backup.
+
+    That is what a data disk that did not come up looks like: committed, it
+    would read as "everything deleted", and retention would later merge that
+    into the seed. Returns whether the filesystem changed (then rsync compares
+    the whole tree: the manifest's inode numbers belong to the old one).
+    """
+    last = history.bins[-1] if history.bins else history.seed
+    if last is None or last.source_device is None:
+        return False  # a history written before squashfu recorded this
+    moved = walked.device != last.source_device and not (walked.fsid and walked.fsid == last.source_fsid)
+    if allow:
+        return moved
+    override = "if that is intended, run `squashfu backup --allow-source-change` once"
+    if walked.count == 0 and (last.source_entries or 0) > 0:
+        raise SourceChangedError(f"the source {source} is empty, but had {last.source_entries} entries at the last "
+                                 f"backup (is its disk mounted?); nothing was backed up; {override}")
+    if moved:
+        raise SourceChangedError(
+            f"the source {source} is on another filesystem (device {os.major(walked.device)}:"
+            f"{os.minor(walked.device)}) than at the last backup ({os.major(last.source_device)}:"
+            f"{os.minor(last.source_device)}; is its disk mounted?); nothing was backed up; {override}")
+    return False
 
 
 def _change_plan(layout: RootLayout, history: History, config: Config,
@@ -351,35 +467,72 @@ def _change_plan(layout: RootLayout, history: History, config: Config,
     manifest = changes.load(layout.manifest)
     if manifest is None or not manifest.valid_for(history.next_bin - 1, config.source, config.excludes):
         return None
-    return changes.compare(manifest.entries, walked.entries)
+    return changes.compare(manifest.entries, walked.entries, walked.dirs)
 
 
-def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.Changes,
-                              number: int) -> list[str]:
-    """Delete what is gone through the union (whiteouts), and list the rest for rsync."""
-    union = os.fsencode(layout.rw)
+def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.Changes, number: int,
+                              union: int, walked: changes.Scan) -> tuple[list[str], int]:
+    """Delete what is gone through the union (whiteouts), and list the rest for rsync.
+
+    Every deletion is resolved beneath the union's fd without following a
+    symlink: a path below something that is a symlink (or a file) in the
+    backup is not there, so there is nothing to delete. Directories the last
+    night could not vouch for (``plan.recheck``) are listed in the union and
+    whatever tonight's walk did not see is deleted too. Returns rsync's
+    arguments and how many entries were deleted.
+    """
+    deleted = plan.gone
     for rel in plan.deleted:
-        recovery.remove(Path(os.fsdecode(os.path.join(union, rel))))
+        _remove_from_union(union, rel)
+    for directory in plan.recheck:
+        try:
+            with beneath.opened(union, b"" if directory == b"." else directory) as fd:
+                names = [os.fsencode(n) for n in os.listdir(fd)]
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                continue
+            raise
+        prefix = b"" if directory == b"." else directory + b"/"
+        for name in names:
+            if prefix + name not in walked.entries and _remove_from_union(union, prefix + name):
+                deleted += 1
     listing = layout.work / f"changed-{number}"
     listing.write_bytes(b"".join(rel + b"\0" for rel in plan.changed))
-    return rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing)
+    return rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing), deleted
 
 
-def _record_manifest(layout: RootLayout, history: History, config: Config, walked: changes.Scan,
-                     result: rsync.RsyncResult) -> None:
-    """Remember the source as committed, unless some of it could not be read.
+def _below_a_non_directory(top: int, rel: bytes) -> bool:
+    """Whether a component of ``rel`` is now a symlink or a file in the tree open on ``top``."""
+    try:
+        beneath.lstat_beneath(top, rel)
+    except OSError as exc:
+        return exc.errno in (errno.ELOOP, errno.ENOTDIR)
+    return False
+
+
+def _remove_from_union(union: int, rel: bytes) -> bool:
+    """Delete ``rel`` below the union's fd; a path below a symlink or a file there is not in the backup."""
+    try:
+        return beneath.remove_beneath(union, rel)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise
+
+
+def _record_manifest(layout: RootLayout, history: History, config: Config, entries: changes.Entries | None) -> None:
+    """Remember what the committed backup holds, or forget the manifest when that is not known.
 
     Vanished files (status 24) leave the manifest right: what vanished is
     recorded as deleted by the next walk.
     """
-    if result.status not in (rsync.OK, rsync.VANISHED) or not walked.trusted:
+    if entries is None:
         layout.manifest.unlink(missing_ok=True)  # tomorrow compares the whole tree again
         return
-    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, config.source, config.excludes,
-                                                   walked.entries))
+    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, config.source, config.excludes, entries))
 
 
-def _repair_acls(source: bytes, union: bytes, result: rsync.RsyncResult, verbose: bool) -> rsync.RsyncResult:
+def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bool) -> rsync.RsyncResult:
     """Set the ACLs rsync could not (files whose version lives in the seed); clear the error if all took."""
     wanted = unionfix.acl_failures(result.errors)
     if not wanted:
@@ -392,8 +545,8 @@ def _repair_acls(source: bytes, union: bytes, result: rsync.RsyncResult, verbose
     return dataclasses.replace(result, status=rsync.OK, errors=())
 
 
-def fix_union(source: bytes, union: bytes, upper: bytes, verbose: bool) -> None:
-    """Undo what writing through overlayfs got wrong: split hard links, directory times."""
+def fix_union(source: int, union: int, upper: bytes, verbose: bool) -> None:
+    """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative)."""
     relinked = unionfix.repair(source, union, upper)
     if relinked:
         _say(verbose, f"re-joined {relinked} hard link(s) split by copy-up")
@@ -401,7 +554,12 @@ def fix_union(source: bytes, union: bytes, upper: bytes, verbose: bool) -> None:
 
 
 def scan_layer(top: Path, *, source: Path) -> LayerScan:
-    """Count a layer's entries and find what needs special handling later."""
+    """Count a layer's entries and find what needs special handling later.
+
+    The layer is squashfu's own (inside the private root); the source is only
+    looked at beneath its fd, following no symlink, to tell a source's own
+    0:0 devices from overlay's whiteouts.
+    """
     files = 0
     used = 0
     escaped = False
@@ -410,33 +568,36 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
     opaque: list[bytes] = []
     top_b = os.fsencode(top)
     stack = [top_b]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                used += st.st_blocks * 512
-                names: list[str] = []
-                with contextlib.suppress(OSError):
-                    names = os.listxattr(entry.path, follow_symlinks=False)
-                escaped = escaped or any(x.startswith(ESCAPED_PREFIX) for x in names)
-                if any(x in unionfix.ACL_XATTRS for x in names):
-                    acls.append(os.path.relpath(entry.path, top_b))
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                    if OPAQUE_XATTR in names and layerstack.is_opaque(entry.path):
-                        opaque.append(os.path.relpath(entry.path, top_b))
-                    continue
-                files += 1
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    relative = os.path.relpath(entry.path, top_b)
-                    there = os.path.join(os.fsencode(source), relative)
-                    try:
-                        sst = os.lstat(there)
+    with contextlib.ExitStack() as opened:
+        source_fd: int | None = None
+        while stack:
+            directory = stack.pop()
+            with os.scandir(directory) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    used += st.st_blocks * 512
+                    names: list[str] = []
+                    with contextlib.suppress(OSError):
+                        names = os.listxattr(entry.path, follow_symlinks=False)
+                    escaped = escaped or any(x.startswith(ESCAPED_PREFIX) for x in names)
+                    if any(x in unionfix.ACL_XATTRS for x in names):
+                        acls.append(os.path.relpath(entry.path, top_b))
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+                        if OPAQUE_XATTR in names and layerstack.is_opaque(entry.path):
+                            opaque.append(os.path.relpath(entry.path, top_b))
+                        continue
+                    files += 1
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        relative = os.path.relpath(entry.path, top_b)
+                        try:
+                            if source_fd is None:
+                                source_fd = opened.enter_context(beneath.opened_root(source, follow=True))
+                            sst = beneath.lstat_beneath(source_fd, relative)
+                        except OSError:
+                            continue  # gone from the source, or not reachable without a symlink
                         if stat.S_ISCHR(sst.st_mode) and sst.st_rdev == 0:
                             devices.append(relative)
-                    except FileNotFoundError:
-                        pass
     return LayerScan(files, used, escaped, tuple(devices), tuple(sorted(acls)), tuple(sorted(opaque)))
 
 

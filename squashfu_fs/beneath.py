@@ -18,7 +18,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
@@ -103,9 +103,13 @@ def opened(dirfd: int, rel: bytes, flags: int = DIR_FLAGS) -> Iterator[int]:
 
 
 @contextmanager
-def opened_root(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> Iterator[int]:
-    """The top of a tree squashfu acts on, opened as a directory (it must not itself be a symlink)."""
-    fd = os.open(path, DIR_FLAGS | os.O_NOFOLLOW)
+def opened_root(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, follow: bool = False) -> Iterator[int]:
+    """The top of a tree squashfu acts on, opened as a directory.
+
+    It must not itself be a symlink, unless ``follow``: the configured source
+    path is the administrator's, and rsync follows it too (``SRC/``).
+    """
+    fd = os.open(path, DIR_FLAGS if follow else DIR_FLAGS | os.O_NOFOLLOW)
     try:
         yield fd
     finally:
@@ -193,3 +197,55 @@ def lineage(fd: int) -> list[os.stat_result]:
     finally:
         os.close(current)
     return chain
+
+
+REPLACED = errno.ESTALE  # the errno :func:`walk` reports for a directory swapped while it walked
+
+
+def walk(rootfd: int, *, keep: Callable[[bytes, os.stat_result], bool] | None = None,
+         errors: list[tuple[bytes, OSError]] | None = None) -> Iterator[tuple[bytes, os.stat_result]]:
+    """Every entry below ``rootfd`` as (relative path, lstat), each directory before its contents.
+
+    Each directory is opened with :func:`open_beneath` and must be the very
+    directory its parent listed (device and inode): one swapped for a symlink
+    or for another directory meanwhile is not entered, so the walk never lists
+    anything outside the tree. An entry ``keep`` refuses is neither yielded
+    nor entered. What cannot be opened, listed or stat-ed is appended to
+    ``errors`` as (path, OSError) (``REPLACED`` for a swapped directory, the
+    root being ``b""``) and the walk goes on.
+    """
+    def failed(rel: bytes, exc: OSError) -> None:
+        if errors is not None:
+            errors.append((rel, exc))
+
+    pending: list[tuple[bytes, os.stat_result | None]] = [(b"", None)]
+    while pending:
+        rel, listed = pending.pop()
+        try:
+            fd = open_beneath(rootfd, rel)
+        except OSError as exc:
+            failed(rel, exc)
+            continue
+        try:
+            if listed is not None and not same_file(os.fstat(fd), listed):
+                failed(rel, OSError(REPLACED, "replaced while being walked", rel))
+                continue
+            prefix = rel + b"/" if rel else b""
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        child = prefix + os.fsencode(entry.name)
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError as exc:
+                            failed(child, exc)
+                            continue
+                        if keep is not None and not keep(child, st):
+                            continue
+                        yield child, st
+                        if stat.S_ISDIR(st.st_mode):
+                            pending.append((child, st))
+            except OSError as exc:  # reading the directory itself failed (EIO, a FUSE error)
+                failed(rel, exc)
+        finally:
+            os.close(fd)

@@ -13,17 +13,28 @@ The manifest is a cache, never history: it is trusted only for the exact
 committed state, source and excludes it was written for, only on local
 filesystems that keep ctime honestly, and otherwise the backup compares the
 whole tree with rsync as before.
+
+It describes what was copied, not what was walked: users change the source
+between the walk and rsync. Every path whose signature moved while rsync ran
+is recorded as :data:`UNKNOWN` (compared again next night), and so is
+everything below a directory that the backup did not end up holding as a
+directory (a directory swapped for a symlink, say), so that no later night
+acts on paths below it. See docs/commands.md ("the change manifest").
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import marshal
 import os
 import stat
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import beneath
 from .excludes import Excludes
 from .history import atomic_write
 from .mounts import mount_table
@@ -34,6 +45,8 @@ TRUSTED_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f
                              "reiserfs", "nilfs2"})
 
 Entries = dict[bytes, int]
+UNKNOWN = -1  # no path's signature: "the backup cannot vouch for this path; compare it again"
+_REPLACED = (errno.ENOTDIR, errno.ELOOP, beneath.REPLACED)  # a directory swapped while walked
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,17 @@ class Scan:
     """A walk of the source: every path rsync would see, with its change signature."""
 
     entries: Entries  # relative path (b"." for the root) -> signature
-    trusted: bool  # every directory walked is on a filesystem with honest ctimes
+    trusted: bool  # every directory walked is on a filesystem with honest ctimes, and all was readable
+    dirs: frozenset[bytes] = frozenset()  # the paths that were directories
+    unreadable: tuple[bytes, ...] = ()  # could not be listed or stat-ed (rsync will say so too)
+    vanished: tuple[bytes, ...] = ()  # deleted, or swapped for something else, while walked
+    device: int = 0  # st_dev of the source's top directory
+    fsid: int = 0  # statfs f_fsid of the source's filesystem (stable across reboots for most)
+
+    @property
+    def count(self) -> int:
+        """Entries below the top directory."""
+        return len(self.entries) - 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,8 @@ class Changes:
 
     changed: list[bytes]  # new or changed paths, parents before children
     deleted: list[bytes]  # topmost paths that are gone (a deleted directory, not its contents)
+    gone: int = 0  # every path that is gone, contents included
+    recheck: list[bytes] = field(default_factory=list)  # directories to list in the union (see compare)
 
 
 def signature(st: os.stat_result) -> int:
@@ -59,36 +84,66 @@ def signature(st: os.stat_result) -> int:
 
 def walk(source: bytes, excludes: Excludes) -> Scan:
     """Walk ``source`` as rsync would, pruning excluded paths."""
+    with beneath.opened_root(source, follow=True) as fd:
+        return walk_fd(fd, excludes)
+
+
+def walk_fd(top: int, excludes: Excludes) -> Scan:
+    """Walk the source open on ``top`` without following any symlink, pruning excluded paths.
+
+    Nothing raises for the tree's sake: a path deleted while walked is left
+    out (a deletion, like rsync's "vanished"), a directory swapped while
+    walked is recorded as :data:`UNKNOWN`, and what cannot be read (another
+    user's FUSE mount) makes the scan untrusted, so rsync compares the whole
+    tree and reports it.
+    """
     fstypes = _fstypes_by_device()
-    root_st = os.lstat(source)
+    root_st = os.fstat(top)
     entries: Entries = {b".": signature(root_st)}
+    dirs = {b"."}
     trusted = fstypes.get(root_st.st_dev) in TRUSTED_FSTYPES
     seen_devs = {root_st.st_dev}
-    stack = [(source, b"")]
-    while stack:
-        directory, prefix = stack.pop()
-        with os.scandir(directory) as it:
-            for entry in it:
-                rel = prefix + entry.name
-                st = entry.stat(follow_symlinks=False)
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if excludes.excluded(rel, is_dir):
-                    continue
-                entries[rel] = signature(st)
-                if is_dir:
-                    if st.st_dev not in seen_devs:
-                        seen_devs.add(st.st_dev)
-                        trusted = trusted and fstypes.get(st.st_dev) in TRUSTED_FSTYPES
-                    stack.append((entry.path, rel + b"/"))
-    return Scan(entries, trusted)
+    errors: list[tuple[bytes, OSError]] = []
+
+    def keep(rel: bytes, st: os.stat_result) -> bool:
+        return not excludes.excluded(rel, stat.S_ISDIR(st.st_mode))
+
+    for rel, st in beneath.walk(top, keep=keep, errors=errors):
+        entries[rel] = signature(st)
+        if stat.S_ISDIR(st.st_mode):
+            dirs.add(rel)
+            if st.st_dev not in seen_devs:
+                seen_devs.add(st.st_dev)
+                trusted = trusted and fstypes.get(st.st_dev) in TRUSTED_FSTYPES
+    vanished, unreadable = [], []
+    for rel, exc in errors:
+        rel = rel or b"."
+        if exc.errno == errno.ENOENT:
+            vanished.append(rel)
+            entries.pop(rel, None)
+            dirs.discard(rel)
+        elif exc.errno in _REPLACED:
+            vanished.append(rel)
+            if rel in entries:
+                entries[rel] = UNKNOWN
+        else:
+            unreadable.append(rel)
+    return Scan(entries, trusted and not unreadable, frozenset(dirs), tuple(sorted(unreadable)),
+                tuple(sorted(vanished)), root_st.st_dev, os.statvfs(top).f_fsid)
 
 
 def _fstypes_by_device() -> dict[int, str]:
     return {entry.device: entry.fstype for entry in mount_table()}
 
 
-def compare(old: Entries, new: Entries) -> Changes:
-    """Paths new or changed in ``new``, and the topmost paths gone from it."""
+def compare(old: Entries, new: Entries, dirs: frozenset[bytes] = frozenset()) -> Changes:
+    """Paths new or changed in ``new``, and the topmost paths gone from it.
+
+    ``recheck`` lists the directories of ``new`` (``dirs``) that ``old`` could
+    not vouch for: while the last backup's rsync ran they changed, so the
+    backup's copy may hold names neither walk saw. Their listing in the union
+    is compared with tonight's walk.
+    """
     changed = sorted(path for path, sig in new.items() if old.get(path) != sig)
     gone = sorted(path for path in old if path not in new)
     deleted: list[bytes] = []
@@ -96,7 +151,57 @@ def compare(old: Entries, new: Entries) -> Changes:
         if deleted and path.startswith(deleted[-1] + b"/"):
             continue
         deleted.append(path)
-    return Changes(changed, deleted)
+    recheck = sorted(path for path, sig in old.items() if sig == UNKNOWN and path in dirs)
+    return Changes(changed, deleted, len(gone), recheck)
+
+
+def moved_since(entries: Entries, top: int, paths: Iterable[bytes]) -> set[bytes]:
+    """Which of ``paths`` no longer have their walked signature (looked up beneath ``top``, no symlinks)."""
+    moved = set()
+    for path in paths:
+        try:
+            st = beneath.lstat_beneath(top, b"" if path == b"." else path)
+        except OSError:
+            moved.add(path)
+            continue
+        if signature(st) != entries.get(path):
+            moved.add(path)
+    return moved
+
+
+def merge_walks(before: Entries, after: Entries) -> tuple[Entries, set[bytes]]:
+    """Two walks around one rsync: each path with its signature if it held still, and those that moved."""
+    merged: Entries = {}
+    moved = set()
+    for path in before.keys() | after.keys():
+        sig = before.get(path)
+        if sig is not None and sig != UNKNOWN and after.get(path) == sig:
+            merged[path] = sig
+        else:
+            merged[path] = UNKNOWN
+            moved.add(path)
+    return merged, moved
+
+
+def vouch(entries: Entries, moved: Iterable[bytes], is_directory: Callable[[bytes], bool]) -> Entries:
+    """The entries to record: ``moved`` paths :data:`UNKNOWN`, and everything below one that is not a directory.
+
+    ``is_directory`` says whether the backup's copy of a path is a real
+    directory. If it is not (rsync copied a symlink or a file there), the
+    walked paths below it are not in the backup under that name, and must
+    neither be trusted as copied nor be acted on through it.
+    """
+    out = dict(entries)
+    keys = sorted(out)
+    for path in moved:
+        out[path] = UNKNOWN
+        if path == b".":
+            continue
+        lo, hi = bisect_left(keys, path + b"/"), bisect_left(keys, path + b"0")  # b"0" sorts right after b"/"
+        if lo < hi and not is_directory(path):
+            for below in keys[lo:hi]:
+                out[below] = UNKNOWN
+    return out
 
 
 @dataclass(frozen=True)

@@ -129,13 +129,17 @@ def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would change; commit nothing.")
 @click.option("--full", is_flag=True,
               help="Let rsync compare the whole tree instead of trusting the change manifest.")
+@click.option("--allow-source-change", is_flag=True,
+              help="Back up a source that is empty or on another filesystem than at the last backup.")
 @progress_option
 @verbose_option
-def backup(root: Path, dry_run: bool, full: bool, progress: bool | None, verbose: bool) -> None:
+def backup(root: Path, dry_run: bool, full: bool, allow_source_change: bool, progress: bool | None,
+           verbose: bool) -> None:
     """Back up the source: the first run makes the seed, later runs add a bin."""
     from .backup import run_backup
 
-    run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full)
+    run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full,
+               allow_source_change=allow_source_change)
 
 
 @main.command("list")

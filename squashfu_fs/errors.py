@@ -73,3 +73,7 @@ def describe(exc: BaseException) -> str:
 
 def _name(name: object) -> str:
     return os.fsdecode(name) if isinstance(name, str | bytes) else str(name)
+
+
+class SourceChangedError(SquashfuError):
+    """The source is empty or on another filesystem than at the last backup: its disk may be missing."""

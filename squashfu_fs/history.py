@@ -34,6 +34,10 @@ class Seed:
     files: int = 0
     rsync_status: int | None = 0
     escaped_xattrs: bool = False  # holds a source's own trusted.overlay.* xattrs
+    # The source as the newest backup it holds saw it (None in histories written before these were kept):
+    source_device: int | None = None  # st_dev of the source's top directory
+    source_fsid: int | None = None  # statfs f_fsid of its filesystem
+    source_entries: int | None = None  # entries below the top directory
 
     @property
     def when(self) -> datetime:
@@ -53,6 +57,9 @@ class Bin:
     format: str = BIN_FORMAT
     escaped_xattrs: bool = False  # holds a source's own trusted.overlay.* xattrs
     compare: str = "full"  # "manifest": only paths whose (inode, ctime, size) moved were given to rsync
+    source_device: int | None = None  # the source as this backup saw it; see Seed
+    source_fsid: int | None = None
+    source_entries: int | None = None
 
     @property
     def when(self) -> datetime:

@@ -93,7 +93,9 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                 absorbed=old_seed.absorbed + absorb, duration=round(time.monotonic() - start, 3),
                 bytes=layout.seed(name).stat().st_size,
                 files=squash.inode_count(layout.seed(name)) - 1,
-                rsync_status=old_seed.rsync_status, escaped_xattrs=escaped)
+                rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
+                source_device=newest.source_device, source_fsid=newest.source_fsid,
+                source_entries=newest.source_entries)
     remaining = tuple(b for b in history.bins if b.number not in absorb)
     history = history.with_seed(seed, remaining)
     history_mod.save(layout.history, history)

@@ -62,8 +62,11 @@ def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from
 
     A listed path deleted since the walk is skipped quietly, as a full rsync
     would never have seen it; the next night's walk records the deletion.
+    ``--ignore-times``: every listed path changed (its ctime moved), so rsync's
+    quick check (same size and mtime means unchanged) must not skip it; a
+    rewrite within the same second, or with its mtime put back, is copied.
     """
-    args = [require("rsync"), *PRESERVE, "--stats", f"--files-from={files_from}", "--from0",
+    args = [require("rsync"), *PRESERVE, "--ignore-times", "--stats", f"--files-from={files_from}", "--from0",
             "--ignore-missing-args", *_exclude_args(excludes)]
     return [*args, _dir(source), _dir(target)]
 

@@ -12,94 +12,124 @@ splits in the new bin (small), find the group's other names in the source
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
 
+from . import beneath
+
 Key = tuple[int, int]
+# A name below the union that is not there as a real path: a component is a symlink or a file there.
+_NOT_BELOW = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
-def split_groups(source: bytes, upper: bytes) -> dict[Key, bytes]:
-    """Files in the new bin whose source has more names than the bin holds."""
+def split_groups(source: int, upper: bytes) -> dict[Key, bytes]:
+    """Files in the new bin whose source (open on ``source``) has more names than the bin holds."""
     found: dict[Key, bytes] = {}
-    for dirpath, _dirnames, filenames in os.walk(upper):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+    with beneath.opened_root(upper) as top:
+        for rel, st in beneath.walk(top):
             if not stat.S_ISREG(st.st_mode):
                 continue
-            rel = os.path.relpath(path, upper)
             try:
-                sst = os.lstat(os.path.join(source, rel))
-            except FileNotFoundError:
-                continue
+                sst = beneath.lstat_beneath(source, rel)
+            except OSError:
+                continue  # gone since rsync ran, or no longer reachable without a symlink
             if stat.S_ISREG(sst.st_mode) and sst.st_nlink > 1 and st.st_nlink < sst.st_nlink:
                 found.setdefault((sst.st_dev, sst.st_ino), rel)
     return found
 
 
-def names_in_source(source: bytes, keys: set[Key]) -> dict[Key, list[bytes]]:
-    """Every name below ``source`` of the given inodes."""
+def names_in_source(source: int, keys: set[Key]) -> dict[Key, list[bytes]]:
+    """Every name below the source open on ``source`` of the given inodes."""
     names: dict[Key, list[bytes]] = {key: [] for key in keys}
-    for dirpath, _dirnames, filenames in os.walk(source):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            key = (st.st_dev, st.st_ino)
-            if key in names:
-                names[key].append(os.path.relpath(path, source))
+    for rel, st in beneath.walk(source):
+        key = (st.st_dev, st.st_ino)
+        if key in names and not stat.S_ISDIR(st.st_mode):
+            names[key].append(rel)
     return names
 
 
-def repair(source: bytes, union: bytes, upper: bytes) -> int:
-    """Link every name of a split group in the union to its copied-up leader.
+def repair(source: int, union: int, upper: bytes) -> int:
+    """Link every name of a split group in the union (open on ``union``) to its copied-up leader.
 
-    Returns how many names were re-linked; :func:`restore_dir_times` then puts
-    the parent directories' times back.
+    Every name is resolved beneath the union without following a symlink, and
+    the new link replaces only a regular file. Returns how many names were
+    re-linked; :func:`restore_dir_times` then puts the parent directories'
+    times back.
     """
     leaders = split_groups(source, upper)
     if not leaders:
         return 0
     relinked = 0
     for key, names in names_in_source(source, set(leaders)).items():
-        leader = os.path.join(union, leaders[key])
-        lst = os.lstat(leader)
-        for rel in names:
-            target = os.path.join(union, rel)
-            try:
-                if os.lstat(target).st_ino == lst.st_ino:
-                    continue
-            except FileNotFoundError:
-                continue  # excluded from the backup, or gone since rsync ran
-            tmp = os.path.join(os.path.dirname(target), b".squashfu-relink.tmp")
-            os.link(leader, tmp)
-            os.rename(tmp, target)
-            relinked += 1
+        try:
+            with beneath.parent_of(union, leaders[key]) as (lparent, lname):
+                lst = os.stat(lname, dir_fd=lparent, follow_symlinks=False)
+                if stat.S_ISREG(lst.st_mode):
+                    relinked += sum(_relink(union, lparent, lname, lst, rel) for rel in names)
+        except OSError as exc:
+            if exc.errno not in _NOT_BELOW:
+                raise
     return relinked
 
 
-def restore_dir_times(source: bytes, union: bytes, upper: bytes) -> int:
+def _relink(union: int, lparent: int, lname: bytes, lst: os.stat_result, rel: bytes) -> bool:
+    """Make ``rel`` another name of the leader, atomically; False if there is nothing to do."""
+    try:
+        with beneath.parent_of(union, rel) as (parent, name):
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return False  # excluded from the backup, or gone since rsync ran
+            if beneath.same_file(st, lst) or not stat.S_ISREG(st.st_mode):
+                return False
+            for n in range(1000):
+                tmp = b".squashfu-relink.%d.tmp" % n
+                try:
+                    os.link(lname, tmp, src_dir_fd=lparent, dst_dir_fd=parent, follow_symlinks=False)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise OSError(errno.EEXIST, "no free temporary name", rel)
+            try:
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            return True
+    except OSError as exc:
+        if exc.errno in _NOT_BELOW:
+            return False
+        raise
+
+
+def restore_dir_times(source: int, union: int, upper: bytes) -> int:
     """Give every directory in the new bin its source's mtime again.
 
     rsync sets a directory's time once it is done with it, but hard links it
     creates at the end of the run (and :func:`repair`) land later and bump
     it. Only directories in the bin can have changed, so this walk is small.
+    Source and union are both resolved beneath their fds, following no symlink.
     """
+    with beneath.opened_root(upper) as top:
+        dirs = [b""] + [rel for rel, st in beneath.walk(top) if stat.S_ISDIR(st.st_mode)]
     fixed = 0
-    for dirpath, _dirnames, _filenames in os.walk(upper):
-        rel = os.path.relpath(dirpath, upper)
+    for rel in dirs:
         try:
-            sst = os.lstat(os.path.join(source, rel))
-        except FileNotFoundError:
-            continue
-        there = os.path.join(union, rel)
-        try:
-            ust = os.lstat(there)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(sst.st_mode) and stat.S_ISDIR(ust.st_mode) and ust.st_mtime_ns != sst.st_mtime_ns:
-            os.utime(there, ns=(sst.st_atime_ns, sst.st_mtime_ns), follow_symlinks=False)
-            fixed += 1
+            sst = beneath.lstat_beneath(source, rel)
+            if not stat.S_ISDIR(sst.st_mode):
+                continue
+            with beneath.opened(union, rel) as fd:
+                if os.fstat(fd).st_mtime_ns != sst.st_mtime_ns:
+                    os.utime(fd, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+                    fixed += 1
+        except OSError as exc:
+            if exc.errno not in _NOT_BELOW:
+                raise
     return fixed
 
 
@@ -117,27 +147,36 @@ def acl_failures(errors: tuple[str, ...]) -> set[bytes]:
     return {_rsync_unescape(m.group(1)) for line in errors if (m := _SET_ACL_FAILED.search(line))}
 
 
-def restore_acls(source: bytes, union: bytes, paths: set[bytes]) -> set[bytes]:
+def restore_acls(source: int, union: int, paths: set[bytes]) -> set[bytes]:
     """Give each path its source's ACLs through the union; returns the paths that still failed.
 
     SquashFS cannot store POSIX ACLs, and overlayfs will not set one on a file
     whose current version lives in the seed. Copying the file up first (a
     chown to its own owner) puts it in the bin, where the ACL can be set.
+    Both sides are opened beneath their fds without following a symlink, and
+    the source's ACL is read from that fd: a path swapped meanwhile can
+    neither receive an ACL outside the union nor give away another file's.
     """
     failed = set()
     for rel in paths:
-        src, dst = os.path.join(source, rel), os.path.join(union, rel)
         try:
-            st = os.lstat(dst)
-            os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)  # copy-up
-            for name in ACL_XATTRS:
-                try:
-                    value = os.getxattr(src, name, follow_symlinks=False)
-                except OSError:
-                    continue  # no ACL of that kind in the source
-                os.setxattr(dst, name, value, follow_symlinks=False)
-            sst = os.lstat(src)
-            os.utime(dst, ns=(sst.st_atime_ns, sst.st_mtime_ns), follow_symlinks=False)
+            with beneath.parent_of(union, rel) as (parent, name):
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise OSError(errno.ELOOP, "a symlink has no ACL", rel)
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)  # copy-up
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)  # the copy, in the bin now
+                with beneath.opened(source, rel, os.O_PATH) as sfd, beneath.opened(parent, name, os.O_PATH) as dfd:
+                    sst, dst = os.fstat(sfd), os.fstat(dfd)
+                    if stat.S_ISLNK(sst.st_mode) or not beneath.same_file(dst, st):
+                        raise OSError(errno.ESTALE, "changed while its ACL was repaired", rel)
+                    for xattr in ACL_XATTRS:
+                        try:
+                            value = os.getxattr(beneath.fd_path(sfd), xattr)
+                        except OSError:
+                            continue  # no ACL of that kind in the source
+                        os.setxattr(beneath.fd_path(dfd), xattr, value)
+                os.utime(name, ns=(sst.st_atime_ns, sst.st_mtime_ns), dir_fd=parent, follow_symlinks=False)
         except OSError:
             failed.add(rel)
     return failed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,3 +125,68 @@ def test_lineage_follows_a_rename_made_after_the_open(tree: tuple[Path, Path]) -
     assert chain[:2] == ids([os.stat(outside / "moved"), os.stat(outside)])
     assert ids([os.stat(top)])[0] not in chain
     assert chain[-1] == ids([os.stat("/")])[0]
+
+
+def walked(top: Path, swap: dict[bytes, Callable[[], None]] | None = None,
+           ) -> tuple[set[bytes], list[tuple[bytes, int]]]:
+    """Walk ``top``; when the walk yields a name in ``swap``, run its action first (a user acting mid-walk)."""
+    seen: set[bytes] = set()
+    errors: list[tuple[bytes, OSError]] = []
+    with beneath.opened_root(top) as fd:
+        for rel, st in beneath.walk(fd, errors=errors):
+            assert st == os.lstat(top / os.fsdecode(rel)) or rel in (swap or {})
+            seen.add(rel)
+            if swap and rel in swap:
+                swap[rel]()
+    return seen, [(rel, exc.errno or 0) for rel, exc in errors]
+
+
+def test_walk_lists_the_tree_and_never_enters_a_symlink(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    seen, errors = walked(top)
+    assert sorted(seen) == [b"d", b"d/f", b"link"] and errors == []
+
+
+def test_walk_prunes_what_keep_refuses(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    with beneath.opened_root(top) as fd:
+        names = [rel for rel, _ in beneath.walk(fd, keep=lambda rel, st: rel != b"d")]
+    assert names == [b"link"]
+
+
+def test_a_directory_swapped_for_a_symlink_mid_walk_is_not_entered(mode: str, tree: tuple[Path, Path]) -> None:
+    top, outside = tree
+
+    def swap() -> None:
+        os.rename(top / "d", top / "d.old")
+        (top / "d").symlink_to(outside)
+
+    seen, errors = walked(top, {b"d": swap})
+    assert not [rel for rel in seen if rel.startswith(b"d/")], seen
+    assert errors == [(b"d", errno.ELOOP)] or errors == [(b"d", errno.ENOTDIR)], errors
+
+
+def test_a_directory_replaced_by_another_mid_walk_is_reported(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+
+    def swap() -> None:
+        os.rename(top / "d", top / "d.old")
+        (top / "d").mkdir()
+        (top / "d" / "planted").write_text("x")
+
+    seen, errors = walked(top, {b"d": swap})
+    assert b"d/planted" not in seen and errors == [(b"d", beneath.REPLACED)]
+
+
+def test_a_directory_removed_mid_walk_is_reported_and_the_walk_goes_on(mode: str, tree: tuple[Path, Path]) -> None:
+    top, _ = tree
+    (top / "e").mkdir()
+    (top / "e" / "g").write_text("x")
+
+    def remove() -> None:
+        import shutil
+
+        shutil.rmtree(top / "d")
+
+    seen, errors = walked(top, {b"d": remove})
+    assert errors == [(b"d", errno.ENOENT)] and b"e/g" in seen
