@@ -40,8 +40,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from squashfu_fs.mountd import daemon_pid
-from squashfu_fs.mounts import is_mounted
+from squashfu_fs.engines.mounts import is_mounted
+from squashfu_fs.read.mountd import daemon_pid
 
 CLI = [sys.executable, "-m", "squashfu_fs.cli"]
 PER_DIR = 500

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import SquashfuError, describe
+from squashfu_fs import __version__
+from squashfu_fs.errors import SquashfuError, describe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,9 +111,9 @@ def main(root: Path | None, debug: bool) -> None:
 def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
          max_bins: int, min_bins: int) -> None:
     """Create a backup root for SOURCE at ROOT."""
-    from .backup import init_root
-    from .config import Config
-    from .errors import ConfigError
+    from squashfu_fs.errors import ConfigError
+    from squashfu_fs.store.config import Config
+    from squashfu_fs.write.backup import init_root
 
     try:
         config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,
@@ -136,7 +136,7 @@ def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
 def backup(root: Path, dry_run: bool, full: bool, allow_source_change: bool, progress: bool | None,
            verbose: bool) -> None:
     """Back up the source: the first run makes the seed, later runs add a bin."""
-    from .backup import run_backup
+    from squashfu_fs.write.backup import run_backup
 
     run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full,
                allow_source_change=allow_source_change)
@@ -147,7 +147,7 @@ def backup(root: Path, dry_run: bool, full: bool, allow_source_change: bool, pro
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(root: Path, as_json: bool) -> None:
     """The seed and every bin, with sizes and totals."""
-    from .report import list_report
+    from squashfu_fs.read.report import list_report
 
     click.echo(list_report(root, as_json=as_json), nl=False)
 
@@ -164,7 +164,7 @@ def list_(root: Path, as_json: bool) -> None:
 def mount(root: Path, mountpoint: Path, foreground: bool, allow_other: bool,
           options: tuple[str, ...], log_file: Path | None, verbose: bool) -> None:
     """Serve every day of the history, read-only, at MOUNTPOINT."""
-    from .mountd import mount_history
+    from squashfu_fs.read.mountd import mount_history
 
     mount_history(root, Path(os.path.abspath(mountpoint)), foreground=foreground,
                   allow_other=allow_other, options=options, log_file=log_file, verbose=verbose)
@@ -174,18 +174,18 @@ def mount(root: Path, mountpoint: Path, foreground: bool, allow_other: bool,
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def umount(mountpoint: Path) -> None:
     """Take down a `mount` or `rollback` at MOUNTPOINT (also one whose daemon died)."""
-    from .mounts import find_mount
+    from squashfu_fs.engines.mounts import find_mount
 
     target = Path(os.path.abspath(mountpoint))
     entry = find_mount(target)
     if entry is None:
         raise SquashfuError(f"{mountpoint} is not mounted")
     if entry.fstype.startswith("fuse"):
-        from .mountd import unmount_history
+        from squashfu_fs.read.mountd import unmount_history
 
         unmount_history(target)
     else:
-        from .rollback import unmount_rollback
+        from squashfu_fs.read.rollback import unmount_rollback
 
         unmount_rollback(target)
 
@@ -196,7 +196,7 @@ def umount(mountpoint: Path) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def rollback(root: Path, view: str, mountpoint: Path) -> None:
     """Mount the state of VIEW read-only at MOUNTPOINT with the kernel's overlayfs."""
-    from .rollback import mount_rollback
+    from squashfu_fs.read.rollback import mount_rollback
 
     spec = mount_rollback(root, view, Path(os.path.abspath(mountpoint)))
     click.echo(f"{spec.name} mounted read-only on {mountpoint}; `squashfu umount {mountpoint}` when done")
@@ -213,7 +213,7 @@ def rollback(root: Path, view: str, mountpoint: Path) -> None:
 def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
             progress: bool | None) -> None:
     """Copy VIEW (or PATH in it) to TARGET with all metadata."""
-    from .rollback import restore as do_restore
+    from squashfu_fs.read.rollback import restore as do_restore
 
     do_restore(root, view, path, Path(os.path.abspath(target)), delete=delete,
                progress=_want_progress(progress))
@@ -225,7 +225,7 @@ def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
 @click.argument("view_b")
 def diff(root: Path, view_a: str, view_b: str) -> None:
     """What changed between two days."""
-    from .rollback import diff_views
+    from squashfu_fs.read.rollback import diff_views
 
     diff_views(root, view_a, view_b)
 
@@ -236,7 +236,7 @@ def diff(root: Path, view_a: str, view_b: str) -> None:
 @verbose_option
 def resquash(root: Path, progress: bool | None, verbose: bool) -> None:
     """Merge the oldest bins into a new seed now, leaving min_bins bins."""
-    from .resquash import resquash_now
+    from squashfu_fs.write.retention import resquash_now
 
     resquash_now(root, progress=_want_progress(progress), verbose=verbose)
 

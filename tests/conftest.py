@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 REQUIRED_TOOLS = ("mksquashfs", "unsquashfs", "rsync", "fusermount3", "mount", "umount")
 

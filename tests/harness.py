@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from squashfu_fs import mounts
-from squashfu_fs.mountd import daemon_pid
+from squashfu_fs.engines import mounts
+from squashfu_fs.read.mountd import daemon_pid
 
 from .conftest import force_unmount
 from .treegen import snapshot

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import beneath
+from squashfu_fs.util import beneath
 
 
 @pytest.fixture(params=["openat2", "walk"])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import changes
-from squashfu_fs.excludes import Excludes
+from squashfu_fs.write import changes
+from squashfu_fs.write.excludes import Excludes
 
 PATHS = [b"a.tmp", b"b.txt", b"cache/x", b"cache/sub/y.tmp", b"d/cache/z", b"d/e/f.o", b"d/e/cache", b"proc/1/stat",
          b"home/u/.cache/k", b"home/u/docs/r.txt", b"x/y/z/w.log", b"ab", b"a/b/c", b"tmp", b"node_modules/p/q.js",

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import clock, config, history, readers, views
+from squashfu_fs.engines.rsync import _stat
 from squashfu_fs.errors import ConfigError, CorruptRootError, LockedError, SquashfuError, UnknownViewError, UsageError
-from squashfu_fs.history import Bin, History, Seed
-from squashfu_fs.layout import RootLayout
-from squashfu_fs.lock import writer_lock
-from squashfu_fs.resquash import plan
-from squashfu_fs.rsync import _stat
+from squashfu_fs.store import config, history, views
+from squashfu_fs.store import registry as readers
+from squashfu_fs.store.history import Bin, History, Seed
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.util import clock
+from squashfu_fs.write.retention import plan
 
 
 def make_history(times: list[str]) -> History:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import config
 from squashfu_fs.errors import ConfigError
+from squashfu_fs.store import config
 
 
 @pytest.mark.parametrize("text, message", [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import layerstack
-from squashfu_fs.layerstack import DirLayer, Entry
+from squashfu_fs import overlay as layerstack
+from squashfu_fs.overlay import DirLayer, Entry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
 

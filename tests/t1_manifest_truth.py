@@ -7,8 +7,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from squashfu_fs import beneath, changes
-from squashfu_fs.excludes import Excludes
+from squashfu_fs.util import beneath
+from squashfu_fs.write import changes
+from squashfu_fs.write.excludes import Excludes
 
 
 class Meddling(Excludes):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 HOSTILE = ["/r/a b/seed", "/r/back\\slash", "/r/new\nline", "/r/tab\there", "/r/co:lon,comma", "bins/3"]
 

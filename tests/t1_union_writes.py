@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import beneath, unionfix
+from squashfu_fs.util import beneath
+from squashfu_fs.write import unionfix
 
 
 @pytest.fixture

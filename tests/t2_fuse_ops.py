@@ -14,11 +14,11 @@ import pyfuse3
 import pytest
 import trio
 
-from squashfu_fs import history as history_mod
-from squashfu_fs.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
-from squashfu_fs.history import Bin, History, Seed
-from squashfu_fs.layout import RootLayout
-from squashfu_fs.vfs import ROOT_INO, PlainSeeds, Vfs
+from squashfu_fs.read.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
+from squashfu_fs.read.vfs import ROOT_INO, PlainSeeds, Vfs
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store.history import Bin, History, Seed
+from squashfu_fs.store.layout import RootLayout
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
 

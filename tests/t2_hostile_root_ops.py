@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from squashfu_fs.history import Seed
-from squashfu_fs.vfs import ROOT_INO
+from squashfu_fs.read.vfs import ROOT_INO
+from squashfu_fs.store.history import Seed
 
 from .t2_fuse_ops import World, at, listdir, lookup_path, run
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from squashfu_fs.history import Seed
+from squashfu_fs.store.history import Seed
 
 from .t2_fuse_ops import World, at, lookup_path, run
 

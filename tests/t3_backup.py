@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 from .harness import bin_entries, fuse_mounted, history, rolled_back, squashfu
 
@@ -351,7 +351,7 @@ def test_manifest_sees_metadata_only_changes(tree: tuple[Path, Path], scratch: P
 
 def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path) -> None:
     """The changed list can name a file that is gone by the time rsync looks: skip it quietly."""
-    from squashfu_fs import rsync
+    from squashfu_fs.engines import rsync
 
     src, dst = scratch / "src", scratch / "dst"
     src.mkdir()

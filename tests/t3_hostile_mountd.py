@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
-from squashfu_fs.mountd import daemon_pid
+from squashfu_fs.engines import mounts
+from squashfu_fs.read.mountd import daemon_pid
 
 from .harness import fuse_mounted, squashfu
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 from .harness import history, squashfu
 

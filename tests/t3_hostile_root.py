@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
-from squashfu_fs.mountd import state_dir
+from squashfu_fs.engines import mounts
+from squashfu_fs.read.mountd import state_dir
 
 from .conftest import force_unmount
 from .harness import NOBODY, as_nobody, fuse_mounted, history, reachable_by_others, run_as_nobody, squashfu

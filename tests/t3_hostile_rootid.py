@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts, readers
-from squashfu_fs.mountd import daemon_pid
+from squashfu_fs.engines import mounts
+from squashfu_fs.read.mountd import daemon_pid
+from squashfu_fs.store import registry as readers
 
 from .harness import fuse_mounted, history, rolled_back, squashfu
 

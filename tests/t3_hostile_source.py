@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 from .harness import NOBODY, bin_entries, history, reachable_by_others, rolled_back, run_as_nobody, squashfu
 from .t3_fuse_mount import fuse_for_users  # noqa: F401  (a fixture)
@@ -115,7 +115,7 @@ def test_files_read_through_a_swapped_symlink_are_not_kept(scratch: Path) -> Non
 
 def test_the_manifest_lists_nothing_below_a_directory_that_rsync_copied_as_a_symlink(scratch: Path) -> None:
     """The manifest describes what was copied: d is not a directory there, so nothing below d is listed."""
-    from squashfu_fs import changes
+    from squashfu_fs.write import changes
 
     src, root, outside = scratch / "src", scratch / "root", scratch / "outside"
     (src / "d" / "sub").mkdir(parents=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import readers
-from squashfu_fs.history import load
-from squashfu_fs.views import ViewTable
+from squashfu_fs.store import registry as readers
+from squashfu_fs.store.history import load
+from squashfu_fs.store.views import ViewTable
 
 from .harness import bin_entries, fuse_mounted, history, rollback_snapshot, squashfu
 from .treegen import build_initial, differences, mutate, snapshot
@@ -166,7 +166,7 @@ def test_a_resquash_waits_for_mounted_views_before_deleting_bins(scratch: Path) 
         (src / "f").write_text(f"night {night}\n" * (night + 1))
         squashfu("-r", root, "backup", now=f"2026-11-0{night + 2}T02:00")
     with fuse_mounted(root, mp):
-        from squashfu_fs.mountd import daemon_pid
+        from squashfu_fs.read.mountd import daemon_pid
 
         pid = daemon_pid(mp)
         assert pid is not None

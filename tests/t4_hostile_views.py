@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import readers
-from squashfu_fs.mountd import daemon_pid, state_dir
+from squashfu_fs.read.mountd import daemon_pid, state_dir
+from squashfu_fs.store import registry as readers
 
 from .harness import fuse_mounted, history, squashfu
 

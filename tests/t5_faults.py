@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts
+from squashfu_fs.engines import mounts
 
 from .harness import CLI, history, rollback_snapshot, rolled_back, squashfu
 from .treegen import build_initial, differences, mutate, snapshot
@@ -67,8 +67,8 @@ def kill_mid_copy(root: Path, src: Path, now: str) -> None:
 
 def assert_intact(root: Path, expected: dict, scratch: Path) -> None:
     """Every day in history reads back exactly as it was committed."""
-    from squashfu_fs.history import load
-    from squashfu_fs.views import ViewTable
+    from squashfu_fs.store.history import load
+    from squashfu_fs.store.views import ViewTable
 
     table = ViewTable.from_history(load(root / "history.json"))
     for view in table.dated:

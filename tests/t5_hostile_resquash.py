@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs import mounts, squash
-from squashfu_fs.config import Config
+from squashfu_fs.engines import mksquashfs as squash
+from squashfu_fs.engines import mounts
 from squashfu_fs.errors import SquashfuError
+from squashfu_fs.store.config import Config
 
 from .harness import history, squashfu
 

@@ -5,7 +5,7 @@ at once with a message naming it. The kernel drops the lock when the holder
 dies, even by kill -9, so a stale lock never blocks the next night.
 
 Taking the lock is also where an existing root is made private (0700, files
-0600; see :mod:`squashfu_fs.privacy`): every command that changes a root
+0600; see :mod:`squashfu_fs.store.privacy`): every command that changes a root
 passes here first. The lock file is opened relative to the root's directory
 descriptor without following a symlink, so a link planted as ``.lock`` cannot
 make root truncate another file.
@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import clock, privacy
-from .errors import LockedError, UsageError
+from squashfu_fs.errors import LockedError, UsageError
+from squashfu_fs.store import privacy
+from squashfu_fs.util import clock
 
 
 @contextmanager

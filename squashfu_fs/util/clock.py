@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from .errors import UsageError
+from squashfu_fs.errors import UsageError
 
 ENV_VAR = "SQUASHFU_NOW"
 

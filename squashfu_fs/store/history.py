@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptRootError
+from squashfu_fs.errors import CorruptRootError
 
 FORMAT_VERSION = 1
 BIN_FORMAT = "overlay"

@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import SquashfuError, UsageError
+from squashfu_fs.errors import SquashfuError, UsageError
 
 # Directories whose regular files are squashfu's own (bins/N.opaque, logs/*.log).
 # bins/N/ themselves are not touched: a bin's top directory carries the source root's mode.

@@ -3,7 +3,7 @@
 The new image is written beside the old one, checked against the union it
 was made from, and committed in history first; only then are the absorbed
 bins and the old image deleted, except those a live time-travel view still
-reads (see :mod:`squashfu_fs.readers`). A crash at any point leaves either
+reads (see :mod:`squashfu_fs.store.registry`). A crash at any point leaves either
 the old history (the new image is debris) or the new one (the old bins and
 image are debris), and recovery removes the debris nobody reads.
 """
@@ -15,17 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-from . import clock, faults, mounts, readers, recovery, squash
-from . import config as config_mod
-from . import history as history_mod
-from .backup import scan_layer, seed_mounted, stage_tree
-from .config import Config
-from .errors import InUseError, UsageError
-from .history import History, Seed, fsync_dir
-from .layout import RootLayout
-from .lock import writer_lock
-from .rollback import records
-from .system import require, require_root
+from squashfu_fs.engines import mksquashfs as squash
+from squashfu_fs.engines import mounts
+from squashfu_fs.engines.run import require, require_root
+from squashfu_fs.errors import InUseError, UsageError
+from squashfu_fs.read.rollback import records
+from squashfu_fs.store import config as config_mod
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import recovery
+from squashfu_fs.store import registry as readers
+from squashfu_fs.store.config import Config
+from squashfu_fs.store.history import History, Seed, fsync_dir
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.util import clock, faults
+from squashfu_fs.write.backup import scan_layer, seed_mounted, stage_tree
 
 
 def plan(history: History, keep: int) -> tuple[int, ...]:

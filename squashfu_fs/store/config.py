@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from squashfu_fs.errors import ConfigError
 
 COMPRESSORS = ("zstd", "xz", "gzip", "lz4", "lzo")
 # zstd level 3 was 4.5x faster than mksquashfs's default 15 for a 2.4% larger image.

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 
-from . import beneath
+from squashfu_fs.util import beneath
 
 Key = tuple[int, int]
 # A name below the union that is not there as a real path: a component is a symlink or a file there.

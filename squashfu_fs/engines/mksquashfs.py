@@ -8,11 +8,12 @@ import stat
 import subprocess
 from pathlib import Path
 
-from . import faults, mounts
-from .config import Config
-from .errors import ExternalCommandError, SquashfuError
-from .history import fsync_dir
-from .system import last_line, require, run
+from squashfu_fs.engines import mounts
+from squashfu_fs.engines.run import last_line, require, run
+from squashfu_fs.errors import ExternalCommandError, SquashfuError
+from squashfu_fs.store.config import Config
+from squashfu_fs.store.history import fsync_dir
+from squashfu_fs.util import faults
 
 
 def mksquashfs_args(source: Path, image: Path, config: Config, *, progress: bool) -> list[str]:

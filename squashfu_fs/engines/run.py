@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from .errors import ExternalCommandError, MissingToolError, SquashfuError
+from squashfu_fs.errors import ExternalCommandError, MissingToolError, SquashfuError
 
 # tool -> Debian package that provides it
 PACKAGES = {

@@ -23,16 +23,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import beneath, changes, clock, faults, layerstack, mounts, placement, privacy, recovery, rsync, squash, unionfix
-from . import config as config_mod
-from . import history as history_mod
-from .config import Config
-from .errors import InUseError, PartialBackupError, SourceChangedError, SquashfuError, UsageError, describe
-from .excludes import Excludes
-from .history import Bin, History, Seed, fsync_dir
-from .layout import RootLayout
-from .lock import writer_lock
-from .system import require, require_root
+from squashfu_fs import overlay as layerstack
+from squashfu_fs.engines import mksquashfs as squash
+from squashfu_fs.engines import mounts, rsync
+from squashfu_fs.engines.run import require, require_root
+from squashfu_fs.errors import InUseError, PartialBackupError, SourceChangedError, SquashfuError, UsageError, describe
+from squashfu_fs.store import config as config_mod
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import placement, privacy, recovery
+from squashfu_fs.store.config import Config
+from squashfu_fs.store.history import Bin, History, Seed, fsync_dir
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.util import beneath, clock, faults
+from squashfu_fs.write import changes, unionfix
+from squashfu_fs.write.excludes import Excludes
 
 log = logging.getLogger(__name__)
 ESCAPED_PREFIX = "trusted.overlay.overlay."
@@ -142,7 +147,7 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
                                              allow_source_change)
         retention_failed = ""
         if len(history.bins) > config.max_bins:
-            from .resquash import resquash
+            from squashfu_fs.write.retention import resquash
 
             try:
                 resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)

@@ -32,14 +32,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import mounts, readers
-from .errors import SquashfuError, UsageError
-from .layout import RootLayout
-from .readers import state_root
-from .system import last_line, process_start_time, require, run
+from squashfu_fs.engines import mounts
+from squashfu_fs.engines.run import last_line, process_start_time, require, run
+from squashfu_fs.errors import SquashfuError, UsageError
+from squashfu_fs.store import registry as readers
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.registry import state_root
 
 if TYPE_CHECKING:
-    from .vfs import Usage
+    from squashfu_fs.read.vfs import Usage
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,8 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
     import pyfuse3
     import trio
 
-    from .fuse_ops import FuseOps
-    from .vfs import Vfs
+    from squashfu_fs.read.fuse_ops import FuseOps
+    from squashfu_fs.read.vfs import Vfs
 
     state = state_dir(mountpoint)
     async with contextlib.AsyncExitStack() as stack:

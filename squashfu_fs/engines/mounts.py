@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import beneath
-from .errors import ExternalCommandError, SquashfuError, UsageError
-from .system import run
+from squashfu_fs.engines.run import run
+from squashfu_fs.errors import ExternalCommandError, SquashfuError, UsageError
+from squashfu_fs.util import beneath
 
 # Every bin must stay a self-contained upper layer any reader can stack.
 OVERLAY_OPTIONS = ("redirect_dir=off", "metacopy=off", "index=off", "uuid=off")

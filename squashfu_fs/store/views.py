@@ -1,6 +1,6 @@
 """View naming (DESIGN §4): which committed state each name of the past shows.
 
-Pure logic over a :class:`~squashfu_fs.history.History`; both the read-only
+Pure logic over a :class:`~squashfu_fs.store.history.History`; both the read-only
 kernel roll-back and the time-travel filesystem use it, so ``wed`` means the
 same day everywhere.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import UnknownViewError
-from .history import History
+from squashfu_fs.errors import UnknownViewError
+from squashfu_fs.store.history import History
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 LATEST = "latest"

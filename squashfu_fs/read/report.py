@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import history as history_mod
-from .layout import RootLayout
-from .views import WEEKDAYS, ViewTable
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.views import WEEKDAYS, ViewTable
 
 
 def rows(root: Path) -> dict[str, Any]:

@@ -21,14 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import beneath, mounts, recovery, rsync
-from . import config as config_mod
-from . import history as history_mod
-from .errors import ExternalCommandError, PartialError, SquashfuError, UsageError
-from .layout import RootLayout
-from .lock import writer_lock
-from .system import process_start_time, require_root
-from .views import ViewSpec, ViewTable
+from squashfu_fs.engines import mounts, rsync
+from squashfu_fs.engines.run import process_start_time, require_root
+from squashfu_fs.errors import ExternalCommandError, PartialError, SquashfuError, UsageError
+from squashfu_fs.store import config as config_mod
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import recovery
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.views import ViewSpec, ViewTable
+from squashfu_fs.util import beneath
 
 RECORD = "record.json"
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import faults
-from .errors import ExternalCommandError
-from .system import require
+from squashfu_fs.engines.run import require
+from squashfu_fs.errors import ExternalCommandError
+from squashfu_fs.util import faults
 
 # What every copy into or out of the history preserves.
 PRESERVE = ("-aHAX", "--numeric-ids", "--sparse")

@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SquashfuError
-from .history import atomic_write
-from .system import process_start_time
+from squashfu_fs.engines.run import process_start_time
+from squashfu_fs.errors import SquashfuError
+from squashfu_fs.store.history import atomic_write
 
 SEEN = "seen.json"
 

@@ -15,10 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from . import mounts, readers
-from .errors import CorruptRootError
-from .history import History
-from .layout import RootLayout
+from squashfu_fs.engines import mounts
+from squashfu_fs.errors import CorruptRootError
+from squashfu_fs.store import registry as readers
+from squashfu_fs.store.history import History
+from squashfu_fs.store.layout import RootLayout
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _check_committed(layout: RootLayout, history: History) -> None:
 
 
 def _stale_rollbacks(layout: RootLayout) -> list[str]:
-    from .rollback import drop_record, records  # rollback imports recovery
+    from squashfu_fs.read.rollback import drop_record, records  # rollback imports recovery
 
     removed = []
     for record in records(layout):

@@ -1,13 +1,13 @@
 """The time-travel tree (DESIGN §4) without pyfuse3: inodes, views, history reloads.
 
-The root lists the names of :class:`~squashfu_fs.views.ViewTable`; each dated
+The root lists the names of :class:`~squashfu_fs.store.views.ViewTable`; each dated
 view (and ``seed``) is a :class:`View` whose layer stack is assembled on the
 first lookup inside it, never for a root listing. Inode numbers are computed,
 not allocated: ``view id | layer position | real st_ino``, so a file keeps its
 number for the life of the mount even after the kernel forgot it, and hard
 links in one layer share a number. Node state lives only while the kernel
 holds a lookup count on it, so a ``find`` over every view stays bounded.
-:mod:`squashfu_fs.fuse_ops` translates this to FUSE.
+:mod:`squashfu_fs.read.fuse_ops` translates this to FUSE.
 
 Requests never block on the history: a housekeeping tick reloads it in two
 steps, :meth:`Vfs.prepare_reload` (read history.json, mount the new seed; in a
@@ -28,13 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import history as history_mod
-from . import layerstack
-from .errors import SquashfuError
-from .history import History
-from .layerstack import DirLayer, Entry, StatLike
-from .layout import RootLayout
-from .views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
+from squashfu_fs import overlay as layerstack
+from squashfu_fs.errors import SquashfuError
+from squashfu_fs.overlay import DirLayer, Entry, StatLike
+from squashfu_fs.store import history as history_mod
+from squashfu_fs.store.history import History
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The thin pyfuse3 adapter over :class:`squashfu_fs.vfs.Vfs` (Borg's vfs/fuse split).
+"""The thin pyfuse3 adapter over :class:`squashfu_fs.read.vfs.Vfs` (Borg's vfs/fuse split).
 
 It only translates: inode numbers and entries to ``EntryAttributes``, listings
 to ``readdir_reply``, real file descriptors to reads, Python errors to
@@ -24,8 +24,8 @@ from typing import Any, Protocol, cast
 import pyfuse3
 import trio
 
-from .layerstack import Entry
-from .vfs import ROOT_INO, RootChange, Usage, Vfs, View
+from squashfu_fs.overlay import Entry
+from squashfu_fs.read.vfs import ROOT_INO, RootChange, Usage, Vfs, View
 
 log = logging.getLogger(__name__)
 

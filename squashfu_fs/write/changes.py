@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import beneath
-from .excludes import Excludes
-from .history import atomic_write
-from .mounts import mount_table
+from squashfu_fs.engines.mounts import mount_table
+from squashfu_fs.store.history import atomic_write
+from squashfu_fs.util import beneath
+from squashfu_fs.write.excludes import Excludes
 
 MANIFEST_VERSION = 1
 # Filesystems whose ctime moves on every change (NFS, FUSE and others may not).

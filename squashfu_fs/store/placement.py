@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import mounts
-from .errors import UsageError
+from squashfu_fs.engines import mounts
+from squashfu_fs.errors import UsageError
 
 # Filesystems whose contents are gone after a reboot (ramfs too, but it holds no xattrs,
 # so init's layer probe already refuses it with that reason).

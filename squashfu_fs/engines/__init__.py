@@ -1,0 +1,1 @@
+"""The external engines squashfu drives: subprocess running, rsync, mksquashfs and kernel mounts."""
