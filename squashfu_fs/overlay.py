@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from squashfu_fs.store.history import atomic_write
+from squashfu_fs.util.durable import atomic_write
 
 # Where a merged object lives: (layer position, 1 = newest; the real path).
 Branch = tuple[int, bytes]

@@ -12,8 +12,8 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import last_line, require, run
 from squashfu_fs.errors import ExternalCommandError, SquashfuError
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import fsync_dir
 from squashfu_fs.util import faults
+from squashfu_fs.util.durable import fsync_dir
 
 
 def mksquashfs_args(source: Path, image: Path, config: Config, *, progress: bool) -> list[str]:

@@ -56,16 +56,3 @@ def last_line(output: bytes) -> str:
     """The last non-empty line of a tool's output, for a one-line error."""
     lines = [ln.strip() for ln in output.decode(errors="replace").splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"
-
-
-def process_start_time(pid: int) -> str | None:
-    """A process's start time (field 22 of /proc/PID/stat), so a reused PID is not mistaken for it."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] == b"Z":
-        return None
-    return fields[19].decode()

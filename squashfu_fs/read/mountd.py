@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squashfu_fs.engines import mounts
-from squashfu_fs.engines.run import last_line, process_start_time, require, run
+from squashfu_fs.engines.run import last_line, require, run
 from squashfu_fs.errors import SquashfuError, UsageError
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.registry import state_root
+from squashfu_fs.util.process import process_start_time
 
 if TYPE_CHECKING:
     from squashfu_fs.read.vfs import Usage

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from squashfu_fs.engines import mounts, rsync
-from squashfu_fs.engines.run import process_start_time, require_root
+from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import ExternalCommandError, PartialError, SquashfuError, UsageError
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
@@ -30,7 +30,8 @@ from squashfu_fs.store import recovery
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
 from squashfu_fs.store.views import ViewSpec, ViewTable
-from squashfu_fs.util import beneath
+from squashfu_fs.util import beneath, durable
+from squashfu_fs.util.process import process_start_time
 
 RECORD = "record.json"
 
@@ -94,7 +95,7 @@ class RollbackRecord:
                 if e.fstype == "squashfs" and e.device == self.seed_dev and e.mount_point.endswith(tail)]
 
     def save(self) -> None:
-        history_mod.atomic_write(self.directory / RECORD, json.dumps({
+        durable.atomic_write(self.directory / RECORD, json.dumps({
             "mountpoint": self.mountpoint, "view": self.view, "bins": list(self.bins),
             "seed_file": self.seed_file, "owner": self.owner, "seed_layer": self.seed_layer,
             "mount_dev": self.mount_dev, "seed_dev": self.seed_dev}).encode())

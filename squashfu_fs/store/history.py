@@ -8,13 +8,13 @@ so a reader or a crash only ever sees the old or the new history.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from squashfu_fs.errors import CorruptRootError
+from squashfu_fs.util.durable import atomic_write
 
 FORMAT_VERSION = 1
 BIN_FORMAT = "overlay"
@@ -160,34 +160,3 @@ def load(path: Path) -> History:
 def save(path: Path, history: History) -> None:
     """Replace the history atomically and durably."""
     atomic_write(path, history.to_json().encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file.
-
-    The file is private (0600): the history, manifest and records name every
-    backed-up file (docs/layout.md).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less (file size limit, nearly full disk): never rename a stub
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

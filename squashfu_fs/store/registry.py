@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashfu_fs.engines.run import process_start_time
 from squashfu_fs.errors import SquashfuError
-from squashfu_fs.store.history import atomic_write
+from squashfu_fs.util.durable import atomic_write
+from squashfu_fs.util.process import process_start_time
 
 SEEN = "seen.json"
 

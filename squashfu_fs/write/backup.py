@@ -32,10 +32,11 @@ from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, privacy, recovery
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History, Seed, fsync_dir
+from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
-from squashfu_fs.util import beneath, clock, faults
+from squashfu_fs.util import beneath, clock, durable, faults
+from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.write import changes, unionfix
 from squashfu_fs.write.excludes import Excludes
 
@@ -65,7 +66,7 @@ def init_root(root: Path, config: Config) -> None:
         layout = RootLayout(root)
         for path in layout.skeleton():
             path.mkdir(mode=0o700)
-        history_mod.atomic_write(layout.config, config.to_toml().encode())
+        durable.atomic_write(layout.config, config.to_toml().encode())
         history_mod.save(layout.history, History())
     except BaseException:
         for entry in list(root.iterdir()):
@@ -610,19 +611,6 @@ def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None
     """List bin N's opaque directories beside it, for readers that cannot see trusted xattrs."""
     if scan.opaque_dirs:
         layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path``: a bin is durable before history names it."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
 
 
 def _dry_run(layout: RootLayout, history: History, config: Config) -> None:

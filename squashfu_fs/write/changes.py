@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from squashfu_fs.engines.mounts import mount_table
-from squashfu_fs.store.history import atomic_write
 from squashfu_fs.util import beneath
+from squashfu_fs.util.durable import atomic_write
 from squashfu_fs.write.excludes import Excludes
 
 MANIFEST_VERSION = 1

@@ -25,10 +25,11 @@ from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import History, Seed, fsync_dir
+from squashfu_fs.store.history import History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
 from squashfu_fs.util import clock, faults
+from squashfu_fs.util.durable import fsync_dir
 from squashfu_fs.write.backup import scan_layer, seed_mounted, stage_tree
 
 
