@@ -1,16 +1,17 @@
-"""Shared fixtures: prerequisites (fatal under CI=true), scratch roots, mount hygiene."""
+"""Shared fixtures: prerequisites (fatal under CI=true), scratch roots, mount hygiene, a backed-up tree."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from squashfu_fs.engines import mounts
+
+from .harness import force_unmount, squashfu
 
 REQUIRED_TOOLS = ("mksquashfs", "unsquashfs", "rsync", "fusermount3", "mount", "umount")
 
@@ -38,18 +39,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def force_unmount(path: str | os.PathLike[str]) -> None:
-    """Last-resort teardown: FUSE first, then the kernel's lazy unmount."""
-    for point in mounts.mounts_below(path):
-        entry = next((e for e in mounts.mount_table() if e.mount_point == point), None)
-        if entry is not None and entry.fstype.startswith("fuse"):
-            subprocess.run(["fusermount3", "-u", "-z", point], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if mounts.is_mounted(os.fsdecode(point)):
-            subprocess.run(["umount", "-l", point], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 @pytest.fixture
 def scratch(tmp_path: Path) -> Iterator[Path]:
     """A temporary directory that is guaranteed to hold no mount afterwards."""
@@ -59,3 +48,17 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
         force_unmount(tmp_path)
         leftover = mounts.mounts_below(tmp_path)
         assert not leftover, f"mounts left behind: {leftover}"
+
+
+# Used by t3_backup.py, t3_rollback_restore.py and t3_resquash.py (t1 files have a ``tree`` of their own).
+@pytest.fixture
+def tree(scratch: Path) -> Iterator[tuple[Path, Path]]:
+    """A small source and a root with one backup of it."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha\n")
+    (src / "docs" / "b.txt").write_text("beta\n")
+    (src / "keep.tmp").write_text("excluded\n")
+    squashfu("init", root, "--source", src, "--exclude", "*.tmp")
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    yield src, root

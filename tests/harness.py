@@ -17,11 +17,22 @@ from typing import Any
 from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import daemon_pid
 
-from .conftest import force_unmount
 from .treegen import snapshot
 
 CLI = [sys.executable, "-m", "squashfu_fs.cli"]
 NOBODY = 65534
+
+
+def force_unmount(path: str | os.PathLike[str]) -> None:
+    """Last-resort teardown: FUSE first, then the kernel's lazy unmount."""
+    for point in mounts.mounts_below(path):
+        entry = next((e for e in mounts.mount_table() if e.mount_point == point), None)
+        if entry is not None and entry.fstype.startswith("fuse"):
+            subprocess.run(["fusermount3", "-u", "-z", point], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if mounts.is_mounted(os.fsdecode(point)):
+            subprocess.run(["umount", "-l", point], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[str, str] | None = None,
@@ -37,6 +48,14 @@ def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[st
             f"squashfu {' '.join(map(str, args))} exited {proc.returncode}, expected {expect}\n"
             f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
     return proc
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line a command printed on stderr; more lines, or a traceback, fail the test."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
+    assert "Traceback" not in proc.stderr
+    return lines[0]
 
 
 def history(root: Path) -> dict[str, Any]:
@@ -132,3 +151,11 @@ def as_nobody(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]
     """The CLI run as user nobody, able to reach the interpreter and the code."""
     with reachable_by_others(*code_paths()):
         return run_as_nobody([*CLI, *args])
+
+
+def acl_of(path: Path) -> bytes | None:
+    """A path's POSIX access ACL as stored, or None when it has none."""
+    try:
+        return os.getxattr(path, b"system.posix_acl_access")
+    except OSError:
+        return None

@@ -1,41 +1,22 @@
-"""Single commands against real mounts: init, backup, dry-run, list, rollback, restore, resquash."""
+"""Single commands against real mounts: init, backup (dry-run, the change manifest, ACLs), list.
+
+Roll-back, restore and diff are in t3_rollback_restore.py, resquash in t3_resquash.py.
+"""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from squashfu_fs.engines import mounts
 
-from .harness import bin_entries, fuse_mounted, history, rolled_back, squashfu
+from .harness import acl_of, bin_entries, fuse_mounted, history, one_line, rolled_back, squashfu
 
 pytestmark = pytest.mark.mounts
-
-
-@pytest.fixture
-def tree(scratch: Path) -> Iterator[tuple[Path, Path]]:
-    """A small source and a root with one backup of it."""
-    src, root = scratch / "src", scratch / "root"
-    (src / "docs").mkdir(parents=True)
-    (src / "docs" / "a.txt").write_text("alpha\n")
-    (src / "docs" / "b.txt").write_text("beta\n")
-    (src / "keep.tmp").write_text("excluded\n")
-    squashfu("init", root, "--source", src, "--exclude", "*.tmp")
-    squashfu("-r", root, "backup", now="2026-11-02T02:00")
-    yield src, root
-
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------- init
@@ -205,115 +186,6 @@ def test_opaque_directories_are_recorded_beside_their_bin(tree: tuple[Path, Path
     assert sorted(p.name for p in (root / "bins").iterdir()) == ["3"]
 
 
-# ------------------------------------------------------------- rollback
-
-
-def test_rollback_is_read_only_and_umount_leaves_nothing(tree: tuple[Path, Path], scratch: Path) -> None:
-    src, root = tree
-    (src / "docs" / "a.txt").write_text("tuesday\n")
-    squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    mp = scratch / "mp"
-    with rolled_back(root, "mon", mp):
-        assert (mp / "docs" / "a.txt").read_text() == "alpha\n"
-        for attempt in (lambda: (mp / "new").write_text("x"), lambda: (mp / "docs" / "a.txt").unlink(),
-                        lambda: os.chmod(mp / "docs", 0o700), lambda: (mp / "d").mkdir()):
-            with pytest.raises(OSError) as info:
-                attempt()
-            assert info.value.errno == errno.EROFS
-        assert len(mounts.mounts_below(root / ".rollbacks")) == 1  # its private seed mount
-    assert not mounts.mounts_below(root) and not mounts.is_mounted(mp)
-    assert not [p for p in (root / ".rollbacks").iterdir()]
-
-
-def test_rollback_refusals(tree: tuple[Path, Path], scratch: Path) -> None:
-    _, root = tree
-    (scratch / "full").mkdir()
-    (scratch / "full" / "x").write_text("x")
-    assert "valid views: 2026-11-02, mon, latest, seed" in one_line(
-        squashfu("-r", root, "rollback", "wed", scratch / "full", expect=2))
-    assert "not empty" in one_line(squashfu("-r", root, "rollback", "mon", scratch / "full", expect=2))
-    assert "inside the backup root" in one_line(squashfu("-r", root, "rollback", "mon", root / "rw", expect=2))
-    assert not mounts.mounts_below(root)
-
-
-def test_resquash_refuses_while_a_rollback_uses_its_bins(tree: tuple[Path, Path], scratch: Path) -> None:
-    src, root = tree
-    (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("min_bins = 7", "min_bins = 1"))
-    for day in (3, 4, 5):
-        (src / "docs" / "a.txt").write_text(f"day {day}\n")
-        os.utime(src / "docs" / "a.txt", (day * 86400, day * 86400))  # rsync's quick check: size + mtime
-        squashfu("-r", root, "backup", now=f"2026-11-0{day}T02:00")
-    with rolled_back(root, "tue", scratch / "mp"):
-        proc = squashfu("-r", root, "resquash", expect=1)
-        assert "uses bins" in one_line(proc) and "squashfu umount" in proc.stderr
-        assert len(history(root)["bins"]) == 3
-        # a nightly backup still commits, and says once why retention waits
-        (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("max_bins = 14",
-                                                                                          "max_bins = 3"))
-        proc = squashfu("-r", root, "backup", now="2026-11-06T02:00")
-        assert "retention postponed" in one_line(proc) and len(history(root)["bins"]) == 4
-    (root / "squashfu.toml").write_text((root / "squashfu.toml").read_text().replace("max_bins = 3",
-                                                                                      "max_bins = 14"))
-    squashfu("-r", root, "resquash")
-    h = history(root)
-    assert [b["number"] for b in h["bins"]] == [4] and h["seed"]["absorbed"] == [1, 2, 3]
-    assert sorted(os.listdir(root / "bins")) == ["4"]
-    with rolled_back(root, "2026-11-05", scratch / "mp") as mp:
-        assert (mp / "docs" / "a.txt").read_text() == "day 5\n"
-
-
-# ------------------------------------------------------------- restore and diff
-
-
-def test_restore_a_path_never_deletes_without_delete(tree: tuple[Path, Path], scratch: Path) -> None:
-    _, root = tree
-    target = scratch / "target"
-    (target / "docs").mkdir(parents=True)
-    (target / "docs" / "mine.txt").write_text("not in the backup\n")
-    squashfu("-r", root, "restore", "mon", "docs", "--to", target)
-    assert (target / "docs" / "a.txt").read_text() == "alpha\n"
-    assert (target / "docs" / "mine.txt").exists()
-    squashfu("-r", root, "restore", "latest", "docs/", "--to", target / "docs", "--delete")
-    assert sorted(os.listdir(target / "docs")) == ["a.txt", "b.txt"]
-    assert not mounts.mounts_below(root)
-
-
-def test_restore_onto_a_filesystem_without_xattrs_exits_3(tree: tuple[Path, Path], scratch: Path) -> None:
-    src, root = tree
-    os.setxattr(src / "docs" / "a.txt", b"user.tag", b"1")
-    squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    ram = scratch / "ram"
-    ram.mkdir()
-    subprocess.run(["mount", "-t", "ramfs", "ramfs", ram], check=True)
-    try:
-        proc = squashfu("-r", root, "restore", "latest", "docs", "--to", ram, expect=3)
-        assert "some files could not be copied" in one_line(proc)
-        assert (ram / "docs" / "a.txt").read_text() == "alpha\n"
-    finally:
-        mounts.unmount(ram)
-    assert not mounts.mounts_below(root)
-
-
-def test_restore_refusals(tree: tuple[Path, Path], scratch: Path) -> None:
-    _, root = tree
-    assert "inside the backup root" in one_line(
-        squashfu("-r", root, "restore", "mon", "--to", root / "out", expect=2))
-    assert "does not exist" in one_line(squashfu("-r", root, "restore", "mon", "nope", "--to", scratch / "t",
-                                                 expect=2))
-    assert not mounts.mounts_below(root)
-
-
-def test_diff_lists_what_changed_between_two_days(tree: tuple[Path, Path]) -> None:
-    src, root = tree
-    (src / "docs" / "a.txt").write_text("tuesday\n")
-    (src / "docs" / "b.txt").unlink()
-    squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    lines = squashfu("-r", root, "diff", "mon", "tue").stdout.splitlines()
-    assert any(ln.startswith(">f") and ln.endswith(" docs/a.txt") for ln in lines), lines
-    assert any(ln.startswith("*deleting") and ln.endswith(" docs/b.txt") for ln in lines), lines
-    assert not mounts.mounts_below(root)
-
-
 # ------------------------------------------------------------- the change manifest
 
 
@@ -366,13 +238,6 @@ def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path
 # ------------------------------------------------------------- POSIX ACLs
 
 
-def acl_of(path: Path) -> bytes | None:
-    try:
-        return os.getxattr(path, b"system.posix_acl_access")
-    except OSError:
-        return None
-
-
 def test_acls_the_seed_cannot_hold_are_reported_and_stored_by_the_next_backup(scratch: Path) -> None:
     src, root = scratch / "src", scratch / "root"
     src.mkdir()
@@ -395,21 +260,7 @@ def test_acls_the_seed_cannot_hold_are_reported_and_stored_by_the_next_backup(sc
     assert acl_of(restored / "shared.txt") == acl_of(src / "shared.txt")
 
 
-def test_a_resquash_that_drops_acls_says_so_and_the_next_backup_restores_them(scratch: Path) -> None:
-    src, root = scratch / "src", scratch / "root"
-    src.mkdir()
-    (src / "f").write_text("x\n")
-    squashfu("init", root, "--source", src, "--max-bins", "2", "--min-bins", "1")
-    squashfu("-r", root, "backup", now="2026-11-02T02:00")
-    subprocess.run(["setfacl", "-m", "u:1234:r", src / "f"], check=True)
-    for day in (3, 4):
-        squashfu("-r", root, "backup", now=f"2026-11-0{day}T02:00")
-    proc = squashfu("-r", root, "backup", now="2026-11-05T02:00")  # 3 bins > 2: resquash
-    assert "cannot store the POSIX ACLs of 1 entries" in proc.stderr
-    assert history(root)["seed"]["absorbed"] == [1, 2]
-    squashfu("-r", root, "backup", now="2026-11-06T02:00")
-    with rolled_back(root, "latest", scratch / "mp") as mp:
-        assert acl_of(mp / "f") == acl_of(src / "f") is not None
+# ------------------------------------------------------------- the history inside its source
 
 
 def test_the_history_mounted_inside_the_source_is_not_backed_up(tree: tuple[Path, Path], scratch: Path) -> None:
