@@ -1,4 +1,4 @@
-"""Crash safety (DESIGN §5): kill -9 at every step, then the next command recovers.
+"""Crash safety (docs/crash-safety.md): kill -9 at every step, then the next command recovers.
 
 ``SQUASHFU_FAULT=NAME`` makes squashfu SIGKILL its own process group at
 checkpoint NAME, children (rsync, mksquashfs) included, exactly as a power

@@ -1,7 +1,7 @@
 """Awkward source trees, nightly changes to them, and snapshots to compare views with.
 
 The same generator feeds the backup-cycle tests and the filesystem tests: a
-scripted scenario (every case DESIGN and the issues name, on fixed nights)
+scripted scenario (every case docs/design.md and the issues name, on fixed nights)
 plus seeded random churn, and a snapshot that records exactly what a restore
 must reproduce: type, content, mode, owner, mtime, symlink target, device
 numbers, xattrs and hard-link groups.
