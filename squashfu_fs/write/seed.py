@@ -5,7 +5,7 @@ tree it was made from, renamed into place and made durable (checkpoint
 ``seed-written``); only then does ``history.json`` name it. A crash before
 the history is replaced leaves debris that recovery removes; after, the new
 seed is committed (docs/crash-safety.md, "(a) The first backup" and
-"(c) Resquash").
+"(c) Resquash (retention)").
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ squashfu's own mounts inside the source are left out of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -44,14 +45,12 @@ def own_mounts_below(source: Path) -> list[str]:
 @contextmanager
 def source_opened(source: str) -> Iterator[int]:
     """The source's top directory as an fd: every later look at the source is relative to it."""
-    try:
-        fd = os.open(source, beneath.DIR_FLAGS)
-    except OSError as exc:
-        raise SquashfuError(f"cannot open the source {source}: {exc.strerror}; nothing was backed up") from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = stack.enter_context(beneath.opened_root(source, follow=True))
+        except OSError as exc:
+            raise SquashfuError(f"cannot open the source {source}: {exc.strerror}; nothing was backed up") from None
         yield fd
-    finally:
-        os.close(fd)
 
 
 def walk_source(source_fd: int, excludes: Excludes, log_file: Path, verbose: bool) -> changes.Scan:

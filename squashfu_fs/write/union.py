@@ -67,10 +67,8 @@ def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | lis
     """
     recovery.remove(layout.staging)
     layout.staging.mkdir()
-    work = layout.work / "staging"
-    work.mkdir(parents=True, exist_ok=True)
     with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
-                       upper=os.path.relpath(layout.staging, layout.root), work=work):
+                       upper=os.path.relpath(layout.staging, layout.root), work=layout.work / "staging"):
         result = rsync.run(rsync.backup_args(source, layout.rw, excludes), log=log,
                            progress=progress, label="backup")
         with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
