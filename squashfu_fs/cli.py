@@ -21,6 +21,7 @@ import click
 
 from squashfu_fs import __version__
 from squashfu_fs.errors import SquashfuError, describe
+from squashfu_fs.util.say import say
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,12 +73,8 @@ def _fail(ctx: click.Context, message: str, status: int) -> None:
     """One line on stderr (control characters in names escaped), the traceback too with --debug."""
     if ctx.params.get("debug"):
         traceback.print_exc()
-    click.echo("squashfu: " + message.translate(_CONTROL), err=True)
+    say(True, message)
     sys.exit(status)
-
-
-# A newline in a file name must not split the one line: show it as \n, like other control characters.
-_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t"}
 
 
 progress_option = click.option(
@@ -113,7 +110,7 @@ def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
     """Create a backup root for SOURCE at ROOT."""
     from squashfu_fs.errors import ConfigError
     from squashfu_fs.store.config import Config
-    from squashfu_fs.write.backup import init_root
+    from squashfu_fs.write.create import init_root
 
     try:
         config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,

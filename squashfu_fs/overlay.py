@@ -1,4 +1,4 @@
-"""Overlay resolution over plain directories (DESIGN §3, §4), without a kernel mount.
+"""Overlay resolution over plain directories, without a kernel mount (docs/filesystem.md "How a view is made").
 
 A *stack* is a list of layer directories, newest first: the bins of a day, then
 the seed. Names resolve the way the kernel's overlayfs resolves them with
@@ -32,7 +32,8 @@ OVERLAY_PREFIX = b"trusted.overlay."
 ESCAPED_PREFIX = b"trusted.overlay.overlay."
 # Bins are written by overlayfs in trusted mode (never `userxattr`), so only trusted.overlay.*
 # are overlay's markers; a source's own user.overlay.* xattrs are data, stored and shown as they are.
-OPAQUE_XATTRS = (b"trusted.overlay.opaque",)
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+OPAQUE_XATTRS = (OPAQUE_XATTR,)
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -288,13 +289,6 @@ def visible_xattr_name(name: bytes) -> bytes | None:
         if name.startswith(ESCAPED_PREFIX):
             return OVERLAY_PREFIX + name[len(ESCAPED_PREFIX):]
         return None
-    return name
-
-
-def stored_xattr_name(name: bytes) -> bytes:
-    """The stored name behind a name a reader asks for."""
-    if name.startswith(OVERLAY_PREFIX):
-        return ESCAPED_PREFIX + name[len(OVERLAY_PREFIX):]
     return name
 
 

@@ -123,7 +123,7 @@ def test_a_sources_user_overlay_xattrs_are_data(tmp_path: Path) -> None:
     found = s.resolve(b"d")
     assert found is not None and [pos for pos, _ in found.branches] == [1, 2]
     assert layerstack.read_xattrs(found.path) == {b"user.overlay.opaque": b"y", b"user.overlay.origin": b"mine"}
-    assert layerstack.stored_xattr_name(b"user.overlay.opaque") == b"user.overlay.opaque"
+    assert layerstack.visible_xattr_name(b"user.overlay.opaque") == b"user.overlay.opaque"
 
 
 def test_lower_whiteout_ends_a_recreated_directory(tmp_path: Path) -> None:

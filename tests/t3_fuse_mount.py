@@ -33,7 +33,7 @@ from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import ViewTable
-from squashfu_fs.write.backup import record_opaque_dirs, scan_layer
+from squashfu_fs.write.layerscan import record_opaque_dirs, scan_layer
 
 from .conftest import force_unmount
 from .harness import NOBODY, as_nobody, code_paths, reachable_by_others, run_as_nobody, squashfu

@@ -81,7 +81,8 @@ def test_a_rollback_through_a_bind_mount_holds_off_a_resquash_by_the_real_path(n
         assert not [p for p in mounts.mounts_below(root) if b"/.rollbacks/" in p]
         assert not [p for p in mounts.mounts_below(alias) if b"/.rollbacks/" in p]
     finally:
-        mounts.unmount_all_below(alias)
+        for point in mounts.mounts_below(alias):
+            mounts.unmount(os.fsdecode(point))
     squashfu("-r", root, "resquash")
     assert [b["number"] for b in history(root)["bins"]] == [3]
 

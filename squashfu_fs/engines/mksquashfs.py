@@ -7,16 +7,26 @@ import re
 import stat
 import subprocess
 from pathlib import Path
+from typing import Protocol
 
 from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import last_line, require, run
 from squashfu_fs.errors import ExternalCommandError, SquashfuError
-from squashfu_fs.store.config import Config
 from squashfu_fs.util import faults
 from squashfu_fs.util.durable import fsync_dir
 
 
-def mksquashfs_args(source: Path, image: Path, config: Config, *, progress: bool) -> list[str]:
+class Compression(Protocol):
+    """How to compress an image: a root's configuration (``store.config.Config``) is one."""
+
+    @property
+    def compression(self) -> str: ...
+
+    @property
+    def level(self) -> int | None: ...
+
+
+def mksquashfs_args(source: Path, image: Path, config: Compression, *, progress: bool) -> list[str]:
     """Compress ``source`` into ``image`` exactly as it is: owners, xattrs, links, devices.
 
     ``-exit-on-error``: without it a file mksquashfs cannot read becomes an
@@ -31,7 +41,7 @@ def mksquashfs_args(source: Path, image: Path, config: Config, *, progress: bool
     return args
 
 
-def make_image(source: Path, image: Path, config: Config, *, progress: bool = False) -> None:
+def make_image(source: Path, image: Path, config: Compression, *, progress: bool = False) -> None:
     """Write ``image`` from ``source`` and make it durable (it is renamed into place later).
 
     A failed mksquashfs leaves no image behind.

@@ -2,8 +2,9 @@
 
 Overlay's options travel in one 4 KiB page, so layer lists are given as short
 names relative to a working directory (the backup root) rather than absolute
-paths. Every mount made here is taken down by :func:`unmount`, which falls
-back to a lazy unmount so that no command leaves a mount behind.
+paths. Every mount squashfu makes, kernel or FUSE, is taken down by
+:func:`unmount`, which falls back to a lazy unmount so that no command
+leaves a mount behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashfu_fs.engines.run import run
+from squashfu_fs.engines.run import last_line, run
 from squashfu_fs.errors import ExternalCommandError, SquashfuError, UsageError
 from squashfu_fs.util import beneath
 
@@ -243,34 +244,33 @@ def _escape_layer(name: str) -> str:
     return name.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-def unmount(target: str | os.PathLike[str], *, lazy_fallback: bool = True) -> None:
-    """Unmount ``target`` if mounted; retry briefly on EBUSY, then detach lazily."""
-    if not is_mounted(target):
+# How long to wait for a busy mount before detaching it: at once, then after each delay.
+PATIENCE = (0.0, 0.1, 0.3, 1.0)
+
+
+def unmount(target: str | os.PathLike[str], *, patience: Sequence[float] = PATIENCE) -> None:
+    """Unmount ``target`` if mounted: try again after each delay in ``patience`` while busy, then detach lazily.
+
+    The one way squashfu takes a mount down. A FUSE mount is taken down with
+    ``fusermount3`` when not root (a user may unmount only that way); an
+    empty ``patience`` detaches at once.
+    """
+    entry = find_mount(target)
+    if entry is None:
         return
-    last: ExternalCommandError | None = None
-    for delay in (0.0, 0.1, 0.3, 1.0):
+    name = os.fsdecode(os.fspath(target))
+    fusermount = entry.fstype.startswith("fuse") and os.geteuid() != 0
+    for delay in patience:
         time.sleep(delay)
-        try:
-            run(["umount", os.fspath(target)], what=f"unmounting {os.fsdecode(os.fspath(target))}")
+        proc = run(["fusermount3", "-u", target] if fusermount else ["umount", target], check=False)
+        if proc.returncode == 0 or not is_mounted(target):
             return
-        except ExternalCommandError as exc:
-            last = exc
-            if not is_mounted(target):
-                return
-    if lazy_fallback:
-        run(["umount", "-l", os.fspath(target)], what=f"lazily unmounting {os.fsdecode(os.fspath(target))}")
-        return
-    assert last is not None
-    raise last
-
-
-def unmount_all_below(path: str | os.PathLike[str]) -> list[bytes]:
-    """Take down every mount at or below ``path``; returns what was unmounted."""
-    done = []
-    for point in mounts_below(path):
-        unmount(os.fsdecode(point))
-        done.append(point)
-    return done
+        if "busy" not in proc.stderr.decode(errors="replace").lower():
+            break
+    proc = run(["fusermount3", "-u", "-z", target] if fusermount else ["umount", "-l", target], check=False)
+    if proc.returncode != 0 and is_mounted(target):
+        raise ExternalCommandError(f"lazily unmounting {name} failed (exit {proc.returncode}): "
+                                   f"{last_line(proc.stderr)}", proc.returncode)
 
 
 def check_mountpoint(root: Path, mountpoint: Path) -> None:

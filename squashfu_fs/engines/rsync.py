@@ -2,8 +2,9 @@
 
 ``-aHAX --numeric-ids --delete --delete-excluded`` keeps hard links, ACLs,
 xattrs and owners, and never ``-u`` (a file whose mtime went backwards is
-still a change). The exit status is classified as DESIGN §6 wants: vanished
-files are a warning, unreadable ones a committed-but-partial backup.
+still a change). The exit status is classified as docs/commands.md
+("Exit status") wants: vanished files are a warning, unreadable ones a
+committed-but-partial backup.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from squashfu_fs.engines.run import require
 from squashfu_fs.errors import ExternalCommandError
 from squashfu_fs.util import faults
+from squashfu_fs.util.units import human
 
 # What every copy into or out of the history preserves.
 PRESERVE = ("-aHAX", "--numeric-ids", "--sparse")
@@ -160,7 +162,7 @@ def _pump(stream: object, *, progress: bool, echo_items: bool, label: str) -> by
                 if now - last_draw >= 0.2:
                     last_draw = now
                     done = int(match.group(1).replace(b",", b""))
-                    sys.stderr.write(f"\r{label}: {int(match.group(2)):3d}%  {_human(done)}  "
+                    sys.stderr.write(f"\r{label}: {int(match.group(2)):3d}%  {human(done)}  "
                                      f"{match.group(3).decode()}  {match.group(4).decode()}   ")
                     sys.stderr.flush()
                 continue
@@ -174,11 +176,3 @@ def _pump(stream: object, *, progress: bool, echo_items: bool, label: str) -> by
         sys.stderr.write("\r" + " " * 72 + "\r")
         sys.stderr.flush()
     return bytes(kept)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

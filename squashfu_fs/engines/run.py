@@ -1,4 +1,4 @@
-"""Running the engines (DESIGN §2): argument lists only, tools named with packages."""
+"""Running the engines: argument lists only, a missing tool named with its package (docs/commands.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lifecycle of a time-travel mount: checks, daemon, seed mount, clean exit (DESIGN §4).
+"""The lifecycle of a time-travel mount: checks, daemon, seed mount, clean exit (docs/filesystem.md).
 
 ``mount_history`` checks everything a user can get wrong first (one-line
 errors), then forks *before* pyfuse3 and trio exist in the process (as S3QL
@@ -101,7 +101,7 @@ class SeedMounts:
     def release(self, file_name: str) -> None:
         target = self.directory / file_name
         try:
-            _unmount_any(target)
+            mounts.unmount(target)
             target.rmdir()
             log.info("seed %s unmounted", file_name)
         except (SquashfuError, OSError) as exc:
@@ -112,19 +112,9 @@ class SeedMounts:
         if not self.directory.is_dir():
             return
         for target in self.directory.iterdir():
-            _unmount_any(target)
+            mounts.unmount(target)
             with contextlib.suppress(OSError):
                 target.rmdir()
-
-
-def _unmount_any(target: Path) -> None:
-    entry = mounts.find_mount(target)
-    if entry is None:
-        return
-    if entry.fstype.startswith("fuse") and os.geteuid() != 0:
-        run(["fusermount3", "-u", "-z", target], what=f"unmounting {target}")
-    else:
-        mounts.unmount(target)
 
 
 # --------------------------------------------------------------------------- checks
@@ -363,7 +353,7 @@ def unmount_history(mountpoint: Path, *, timeout: float = 10.0) -> None:
     pid = daemon_pid(mountpoint)
     entry = mounts.find_mount(mountpoint)
     if entry is not None:
-        _fuse_unmount(mountpoint, alive=pid is not None)
+        mounts.unmount(mountpoint, patience=mounts.PATIENCE if pid is not None else (0.0,))
     deadline = time.monotonic() + timeout
     while pid is not None and daemon_pid(mountpoint) == pid and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -375,22 +365,6 @@ def unmount_history(mountpoint: Path, *, timeout: float = 10.0) -> None:
     if state.is_dir():  # the daemon was killed: clear what it left
         SeedMounts(RootLayout(Path("/")), state / "seeds").clear()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _fuse_unmount(mountpoint: Path, *, alive: bool) -> None:
-    last = ""
-    for delay in (0.0, 0.1, 0.3, 1.0) if alive else (0.0,):
-        time.sleep(delay)
-        proc = run(["fusermount3", "-u", mountpoint], check=False)
-        if proc.returncode == 0 or not mounts.is_mounted(mountpoint):
-            return
-        last = proc.stderr.decode(errors="replace").strip()
-        if "busy" not in last.lower():
-            break
-    log.info("fusermount3 -u %s: %s; detaching lazily", mountpoint, last)
-    proc = run(["fusermount3", "-u", "-z", mountpoint], check=False)
-    if proc.returncode != 0 and mounts.is_mounted(mountpoint):
-        run(["umount", "-l", mountpoint], what=f"unmounting {mountpoint}")
 
 
 __all__: Sequence[str] = ("daemon_pid", "mount_history", "state_dir", "unmount_history")

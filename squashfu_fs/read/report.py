@@ -9,6 +9,7 @@ from typing import Any
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import WEEKDAYS, ViewTable
+from squashfu_fs.util.units import human
 
 
 def rows(root: Path) -> dict[str, Any]:
@@ -65,13 +66,3 @@ def list_report(root: Path, *, as_json: bool = False) -> str:
     lines.append(f"total: seed {human(totals['seed'])}, incrementals {human(totals['incrementals'])} "
                  f"in {totals['bins']} bin(s), all {human(totals['all'])}")
     return "\n".join(lines) + "\n"
-
-
-def human(n: float) -> str:
-    """A size for people: 1023 B, 1.5 KiB, 12.3 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-

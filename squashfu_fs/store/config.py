@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from squashfu_fs.errors import ConfigError
+from squashfu_fs.store.layout import CONFIG_NAME
 
 COMPRESSORS = ("zstd", "xz", "gzip", "lz4", "lzo")
 # zstd level 3 was 4.5x faster than mksquashfs's default 15 for a 2.4% larger image.
@@ -21,7 +22,6 @@ LEVEL_RANGES: dict[str, tuple[int, int] | None] = {
 # A backup stacks every bin under one overlay mount, whose options travel in one 4 KiB page
 # (`bins/NNNNN:` is 11 bytes a layer); 300 layers leave room for the rest of the options.
 MAX_BINS_LIMIT = 300
-CONFIG_NAME = "squashfu.toml"
 
 
 @dataclass(frozen=True)

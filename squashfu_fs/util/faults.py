@@ -1,4 +1,4 @@
-"""Fault injection for the crash-safety tests (DESIGN §5).
+"""Fault injection for the crash-safety tests (docs/crash-safety.md, "Fault-injection checkpoints").
 
 ``SQUASHFU_FAULT=NAME`` makes the process SIGKILL its whole process group
 when it reaches checkpoint NAME, exactly like a power cut or kill -9 at that

@@ -1,9 +1,11 @@
-"""The nightly backup cycle (DESIGN §1, §5): ``init``, the seed, and each new bin.
+"""One night's backup: the first seed, or a new bin on top of the committed layers; then retention.
 
 A backup stacks the committed layers read-only under a fresh upper directory
 with overlayfs and rsyncs the source into the union, so only changes land in
 the new bin. Every step ends before the next starts; the bin is written under
-a temporary name and committed by a rename plus an atomic history update.
+a temporary name and committed by a rename plus an atomic history update
+(docs/crash-safety.md). What the backup could not store is reported with
+exit status 3 once it is committed (docs/commands.md "backup").
 """
 
 from __future__ import annotations
@@ -11,104 +13,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import logging
 import os
-import re
 import stat
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from squashfu_fs import overlay as layerstack
-from squashfu_fs.engines import mksquashfs as squash
-from squashfu_fs.engines import mounts, rsync
+from squashfu_fs.engines import rsync
 from squashfu_fs.engines.run import require, require_root
-from squashfu_fs.errors import InUseError, PartialBackupError, SourceChangedError, SquashfuError, UsageError, describe
+from squashfu_fs.errors import InUseError, PartialBackupError, SquashfuError, UsageError, describe
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import placement, privacy, recovery
+from squashfu_fs.store import placement, recovery
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History, Seed
+from squashfu_fs.store.history import Bin, History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
-from squashfu_fs.util import beneath, clock, durable, faults
+from squashfu_fs.util import beneath, clock, faults
 from squashfu_fs.util.durable import fsync_dir, syncfs
+from squashfu_fs.util.say import say
 from squashfu_fs.write import changes, unionfix
 from squashfu_fs.write.excludes import Excludes
-
-log = logging.getLogger(__name__)
-ESCAPED_PREFIX = "trusted.overlay.overlay."
-OPAQUE_XATTR = "trusted.overlay.opaque"
-
-
-# ---------------------------------------------------------------- init
-
-
-def init_root(root: Path, config: Config) -> None:
-    """Create a backup root for ``config.source``; refuse anything doubtful."""
-    require_root("init")
-    source = Path(config.source)
-    if not source.is_dir():
-        raise UsageError(f"source {source} is not a directory")
-    placement.refuse_root_inside_source(root, source)
-    placement.refuse_volatile_root(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise UsageError(f"{root} already exists and is not an empty directory")
-    created = not root.exists()
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        privacy.make_private(root)  # an existing empty directory too: the root is 0700 (docs/layout.md)
-        check_layer_support(root)
-        layout = RootLayout(root)
-        for path in layout.skeleton():
-            path.mkdir(mode=0o700)
-        durable.atomic_write(layout.config, config.to_toml().encode())
-        history_mod.save(layout.history, History())
-    except BaseException:
-        for entry in list(root.iterdir()):
-            recovery.remove(entry)
-        if created:
-            root.rmdir()
-        raise
-
-
-def check_layer_support(directory: Path) -> None:
-    """Overlay upper layers need 0:0 whiteout devices and trusted.* xattrs: try both."""
-    probe = directory / ".probe"
-    try:
-        probe.mkdir()
-        try:
-            os.mknod(probe / "whiteout", stat.S_IFCHR | 0o000, os.makedev(0, 0))
-            os.setxattr(probe, b"trusted.overlay.opaque", b"y")
-        except OSError as exc:
-            raise UsageError(
-                f"{directory} is on a filesystem that cannot hold overlay layers "
-                f"(whiteout devices and trusted xattrs: {exc.strerror}); use ext4, xfs or btrfs"
-            ) from None
-    finally:
-        if probe.exists():
-            recovery.remove(probe)
-
-
-# ---------------------------------------------------------------- backup
-
-
-@dataclass(frozen=True)
-class LayerScan:
-    """What a freshly written layer holds, measured by walking it."""
-
-    files: int  # non-directory entries: files, links, devices, whiteouts
-    size: int  # allocated size on disk
-    escaped_xattrs: bool  # holds a source's own trusted.overlay.* xattr
-    whiteout_devices: tuple[bytes, ...]  # 0:0 devices that came from the source
-    acl_paths: tuple[bytes, ...]  # entries carrying POSIX ACLs, which SquashFS cannot store
-    opaque_dirs: tuple[bytes, ...] = ()  # directories overlay marked opaque (trusted.overlay.opaque=y)
-    deleted: int = 0  # source entries this backup deletes (contents of a deleted directory included)
-    entries_before: int = 0  # source entries at the backup before; 0 when not known
+from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_layer
+from squashfu_fs.write.retention import resquash
+from squashfu_fs.write.seed import SeedContents, commit_seed
+from squashfu_fs.write.source import check_source, own_mounts_below, source_opened, walk_source
+from squashfu_fs.write.union import committed_view, overlay_union, seed_mounted, stage_tree, union_lowers
 
 
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
@@ -125,12 +55,12 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
     placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
     own = own_mounts_below(source)
     if own:  # never back up the history into itself
-        _say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
+        say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
         config = dataclasses.replace(config, excludes=(*config.excludes, *own))
     with writer_lock(layout.lock, "backup"):
         history = history_mod.load(layout.history)
         for line in recovery.recover(layout, history):
-            _say(verbose, f"recovered: {line}")
+            say(verbose, f"recovered: {line}")
         when = clock.now()
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None
         if newest is not None and when < newest:
@@ -148,12 +78,10 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
                                              allow_source_change)
         retention_failed = ""
         if len(history.bins) > config.max_bins:
-            from squashfu_fs.write.retention import resquash
-
             try:
                 resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)
             except InUseError as exc:  # the backup itself is committed: say why retention waits
-                print(f"squashfu: backup committed; retention postponed: {exc}", file=sys.stderr)
+                say(True, f"backup committed; retention postponed: {exc}")
             except (SquashfuError, OSError) as exc:  # committed all the same: exit 3, not 1 (docs/commands.md)
                 retention_failed = f"retention failed: {describe(exc)}; the next backup retries it"
     if retention_failed:
@@ -192,7 +120,7 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
             log.write(b"squashfu: this backup deletes %d of the %d entries the source had at the backup "
                       b"before\n" % (scan.deleted, scan.entries_before))
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
-        _say(verbose, f"some source files vanished during the backup; see {log_file}")
+        say(verbose, f"some source files vanished during the backup; see {log_file}")
     missing = []
     if result.partial or scan.whiteout_devices:
         unreadable = sum(1 for line in result.errors if not line.startswith("rsync error:"))
@@ -207,36 +135,14 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
         raise PartialBackupError(f"backup committed, but {'; '.join(missing)}; see {log_file}")
 
 
-def own_mounts_below(source: Path) -> list[str]:
-    """Exclude patterns for the time-travel views and roll-backs mounted inside ``source``.
-
-    With ``/`` as the source and the history mounted on ``/backups``, rsync
-    would otherwise copy every day of the history into tonight's bin.
-    """
-    top = os.fsencode(os.path.realpath(source)).rstrip(b"/") + b"/"
-    patterns = []
-    for entry in mounts.mount_table():
-        ours = entry.fstype == "fuse.squashfu" or (
-            entry.fstype == "overlay" and "/.rollbacks/" in entry.super_options)
-        if ours and entry.mount_point.startswith(top):
-            rel = os.fsdecode(entry.mount_point[len(top):])
-            patterns.append("/" + re.sub(r"([*?\[\\])", r"\\\1", rel) + "/")
-    return patterns
-
-
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(f"squashfu: {message}", file=sys.stderr)
-
-
 def _make_first_seed(layout: RootLayout, history: History, config: Config, when: datetime,
                      progress: bool, verbose: bool, log_file: Path) -> tuple[History, LayerScan, rsync.RsyncResult]:
     """rsync the source into a staging upper layer, then squash exactly that."""
     start = time.monotonic()
-    _say(verbose, "first backup: copying the source into the staging layer")
+    say(verbose, "first backup: copying the source into the staging layer")
     excludes = Excludes(config.excludes)
-    with _source_opened(config.source) as source_fd:
-        walked = _walk_source(source_fd, excludes, log_file, verbose)
+    with source_opened(config.source) as source_fd:
+        walked = walk_source(source_fd, excludes, log_file, verbose)
         try:
             result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file)
             copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result)
@@ -245,57 +151,18 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
             raise
     scan = scan_layer(layout.staging, source=Path(config.source))
     faults.checkpoint("after-rsync")
-    generation = history.seed.generation + 1 if history.seed else 1
-    name = RootLayout.seed_name(generation)
-    _say(verbose, f"compressing the seed with {config.compression}")
-    tmp = layout.temp_seed(generation)
-    squash.make_image(layout.staging, tmp, config, progress=progress)
-    squash.check_image(tmp, layout.staging, layout.rw)
-    os.replace(tmp, layout.seed(name))
-    fsync_dir(layout.root)
-    faults.checkpoint("seed-written")
-    seed = Seed(file=name, generation=generation, time=when.isoformat(timespec="seconds"),
-                created=clock.now().isoformat(timespec="seconds"), absorbed=(),
-                duration=round(time.monotonic() - start, 3), bytes=layout.seed(name).stat().st_size,
-                files=squash.inode_count(layout.seed(name)) - 1, rsync_status=result.status,
-                escaped_xattrs=scan.escaped_xattrs, source_device=walked.device, source_fsid=walked.fsid,
-                source_entries=walked.count)
-    history = history.with_seed(seed)
-    history_mod.save(layout.history, history)
-    faults.checkpoint("after-commit")
+    say(verbose, f"compressing the seed with {config.compression}")
+    contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
+                            escaped_xattrs=scan.escaped_xattrs, source_device=walked.device,
+                            source_fsid=walked.fsid, source_entries=walked.count)
+    history = commit_seed(layout, history, config, contextlib.nullcontext(layout.staging), contents=contents,
+                          started=start, progress=progress, checkpoint="after-commit")
     if copied is not None and scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
         lost = set(scan.acl_paths)
         copied = {k: v for k, v in copied.items() if k not in lost}
     _record_manifest(layout, history, config, copied)
     recovery.remove(layout.staging)
     return history, scan, result
-
-
-@contextmanager
-def _source_opened(source: str) -> Iterator[int]:
-    """The source's top directory as an fd: every later look at the source is relative to it."""
-    try:
-        fd = os.open(source, beneath.DIR_FLAGS)
-    except OSError as exc:
-        raise SquashfuError(f"cannot open the source {source}: {exc.strerror}; nothing was backed up") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _walk_source(source_fd: int, excludes: Excludes, log_file: Path, verbose: bool) -> changes.Scan:
-    """Walk the source; what vanished or could not be read is named in the log, never raised."""
-    walked = changes.walk_fd(source_fd, excludes)
-    if walked.vanished or walked.unreadable:
-        with open(log_file, "ab") as log:
-            log.writelines(b"squashfu: vanished or replaced while the source was walked: " + rel + b"\n"
-                           for rel in walked.vanished)
-            log.writelines(b"squashfu: cannot read (rsync compares the whole tree tonight): " + rel + b"\n"
-                           for rel in walked.unreadable)
-    if walked.vanished:
-        _say(verbose, f"{len(walked.vanished)} path(s) vanished while the source was walked; see {log_file}")
-    return walked
 
 
 def _copied_entries(source_fd: int, copy: Path, walked: changes.Scan, plan: changes.Changes | None,
@@ -335,50 +202,6 @@ def _copied_entries(source_fd: int, copy: Path, walked: changes.Scan, plan: chan
         return changes.vouch(entries, moved, is_directory)
 
 
-def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
-               progress: bool, log: Path | None) -> rsync.RsyncResult:
-    """rsync ``source`` into ``.staging`` through an overlay with an empty lower layer.
-
-    Going through overlayfs makes the staging tree a proper upper layer: a
-    source's own ``trusted.overlay.*`` xattrs are stored escaped, as in bins.
-    """
-    recovery.remove(layout.staging)
-    layout.staging.mkdir()
-    work = layout.work / "staging"
-    work.mkdir(parents=True, exist_ok=True)
-    with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
-                       upper=os.path.relpath(layout.staging, layout.root), work=work):
-        result = rsync.run(rsync.backup_args(source, layout.rw, excludes), log=log,
-                           progress=progress, label="backup")
-        with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
-            unionfix.restore_dir_times(source_fd, union_fd, os.fsencode(layout.staging))
-        return result
-
-
-@contextmanager
-def overlay_union(layout: RootLayout, lowers: list[str], *, upper: str, work: Path) -> Iterator[Path]:
-    """The writable union on ``rw/``, always unmounted and its workdir removed afterwards."""
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        with mounts.overlay_mounted(layout.rw, lowers, upper=upper,
-                                    work=os.path.relpath(work, layout.root), cwd=layout.root):
-            yield layout.rw
-    finally:
-        recovery.remove(work)
-
-
-@contextmanager
-def seed_mounted(layout: RootLayout, seed: Seed) -> Iterator[Path]:
-    """The seed image loop-mounted read-only on ``ro/`` for the length of a block."""
-    with mounts.squashfs_mounted(layout.seed(seed.file), layout.ro):
-        yield layout.ro
-
-
-def committed_lowers(layout: RootLayout, history: History) -> list[str]:
-    """Every committed bin, newest first, then the seed mount: the union's lowerdir."""
-    return [layout.bin_rel(b.number) for b in reversed(history.bins)] + ["ro"]
-
-
 def _add_bin(layout: RootLayout, history: History, config: Config, when: datetime,
              progress: bool, verbose: bool, full: bool,
              log_file: Path, allow_source_change: bool = False) -> tuple[History, LayerScan, rsync.RsyncResult]:
@@ -389,18 +212,18 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     partial = layout.partial_bin(number)
     source = Path(config.source)
     excludes = Excludes(config.excludes)
-    with _source_opened(config.source) as source_fd:
-        walked = _walk_source(source_fd, excludes, log_file, verbose)
-        moved_fs = _check_source(history, config.source, walked, allow_source_change)
+    with source_opened(config.source) as source_fd:
+        walked = walk_source(source_fd, excludes, log_file, verbose)
+        moved_fs = check_source(history, config.source, walked, allow_source_change)
         plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
                                                                                      walked)
-        _say(verbose, f"backing up into bin {number}" + (
+        say(verbose, f"backing up into bin {number}" + (
             f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
             ": comparing the whole tree"))
         partial.mkdir()
         try:
             with seed_mounted(layout, history.seed), overlay_union(
-                    layout, committed_lowers(layout, history),
+                    layout, union_lowers(layout, [b.number for b in history.bins]),
                     upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
                     beneath.opened_root(layout.rw) as union_fd:
                 deleted = 0
@@ -433,36 +256,10 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")
     _record_manifest(layout, history, config, copied)
-    _say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
+    say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
                                entries_before=last.source_entries or 0)
     return history, scan, result
-
-
-def _check_source(history: History, source: str, walked: changes.Scan, allow: bool) -> bool:
-    """Refuse a source that is empty or on another filesystem than at the last backup.
-
-    That is what a data disk that did not come up looks like: committed, it
-    would read as "everything deleted", and retention would later merge that
-    into the seed. Returns whether the filesystem changed (then rsync compares
-    the whole tree: the manifest's inode numbers belong to the old one).
-    """
-    last = history.bins[-1] if history.bins else history.seed
-    if last is None or last.source_device is None:
-        return False  # a history written before squashfu recorded this
-    moved = walked.device != last.source_device and not (walked.fsid and walked.fsid == last.source_fsid)
-    if allow:
-        return moved
-    override = "if that is intended, run `squashfu backup --allow-source-change` once"
-    if walked.count == 0 and (last.source_entries or 0) > 0:
-        raise SourceChangedError(f"the source {source} is empty, but had {last.source_entries} entries at the last "
-                                 f"backup (is its disk mounted?); nothing was backed up; {override}")
-    if moved:
-        raise SourceChangedError(
-            f"the source {source} is on another filesystem (device {os.major(walked.device)}:"
-            f"{os.minor(walked.device)}) than at the last backup ({os.major(last.source_device)}:"
-            f"{os.minor(last.source_device)}; is its disk mounted?); nothing was backed up; {override}")
-    return False
 
 
 def _change_plan(layout: RootLayout, history: History, config: Config,
@@ -544,7 +341,7 @@ def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bo
     if not wanted:
         return result
     failed = unionfix.restore_acls(source, union, wanted)
-    _say(verbose, f"stored {len(wanted) - len(failed)} ACL(s) the seed could not hold")
+    say(verbose, f"stored {len(wanted) - len(failed)} ACL(s) the seed could not hold")
     others = [ln for ln in result.errors if not ln.startswith("rsync error:") and not unionfix.is_acl_failure(ln)]
     if failed or others or result.status != rsync.PARTIAL:
         return result
@@ -555,75 +352,16 @@ def fix_union(source: int, union: int, upper: bytes, verbose: bool) -> None:
     """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative)."""
     relinked = unionfix.repair(source, union, upper)
     if relinked:
-        _say(verbose, f"re-joined {relinked} hard link(s) split by copy-up")
+        say(verbose, f"re-joined {relinked} hard link(s) split by copy-up")
     unionfix.restore_dir_times(source, union, upper)
-
-
-def scan_layer(top: Path, *, source: Path) -> LayerScan:
-    """Count a layer's entries and find what needs special handling later.
-
-    The layer is squashfu's own (inside the private root); the source is only
-    looked at beneath its fd, following no symlink, to tell a source's own
-    0:0 devices from overlay's whiteouts.
-    """
-    files = 0
-    used = 0
-    escaped = False
-    devices: list[bytes] = []
-    acls: list[bytes] = []
-    opaque: list[bytes] = []
-    top_b = os.fsencode(top)
-    stack = [top_b]
-    with contextlib.ExitStack() as opened:
-        source_fd: int | None = None
-        while stack:
-            directory = stack.pop()
-            with os.scandir(directory) as it:
-                for entry in it:
-                    st = entry.stat(follow_symlinks=False)
-                    used += st.st_blocks * 512
-                    names: list[str] = []
-                    with contextlib.suppress(OSError):
-                        names = os.listxattr(entry.path, follow_symlinks=False)
-                    escaped = escaped or any(x.startswith(ESCAPED_PREFIX) for x in names)
-                    if any(x in unionfix.ACL_XATTRS for x in names):
-                        acls.append(os.path.relpath(entry.path, top_b))
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-                        if OPAQUE_XATTR in names and layerstack.is_opaque(entry.path):
-                            opaque.append(os.path.relpath(entry.path, top_b))
-                        continue
-                    files += 1
-                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        relative = os.path.relpath(entry.path, top_b)
-                        try:
-                            if source_fd is None:
-                                source_fd = opened.enter_context(beneath.opened_root(source, follow=True))
-                            sst = beneath.lstat_beneath(source_fd, relative)
-                        except OSError:
-                            continue  # gone from the source, or not reachable without a symlink
-                        if stat.S_ISCHR(sst.st_mode) and sst.st_rdev == 0:
-                            devices.append(relative)
-    return LayerScan(files, used, escaped, tuple(devices), tuple(sorted(acls)), tuple(sorted(opaque)))
-
-
-def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None:
-    """List bin N's opaque directories beside it, for readers that cannot see trusted xattrs."""
-    if scan.opaque_dirs:
-        layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
 
 
 def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
     """Say what tonight's backup would change, against a read-only union; commit nothing."""
     source = Path(config.source)
     if history.seed is None:
-        print("squashfu: no backup yet: the first backup would copy everything below", file=sys.stderr)
+        say(True, "no backup yet: the first backup would copy everything below")
         rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True), echo_items=True)
         return
-    with seed_mounted(layout, history.seed):
-        lowers = committed_lowers(layout, history)
-        if len(lowers) < 2:  # a read-only overlay needs two lower layers
-            lowers.append(os.path.relpath(layout.empty, layout.root))
-        with mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
-            rsync.run(rsync.backup_args(source, layout.rw, config.excludes, dry_run=True), echo_items=True)
-
+    with committed_view(layout, history) as view:
+        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True), echo_items=True)

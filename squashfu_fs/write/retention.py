@@ -1,4 +1,4 @@
-"""Retention (DESIGN §5.3, §6): merge the oldest bins into a new seed image.
+"""Retention: merge the oldest bins into a new seed image (docs/commands.md "resquash").
 
 The new image is written beside the old one, checked against the union it
 was made from, and committed in history first; only then are the absorbed
@@ -10,13 +10,9 @@ image are debris), and recovery removes the debris nobody reads.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 
-from squashfu_fs.engines import mksquashfs as squash
-from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
 from squashfu_fs.read.rollback import records
@@ -25,12 +21,14 @@ from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import History, Seed
+from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
-from squashfu_fs.util import clock, faults
 from squashfu_fs.util.durable import fsync_dir
-from squashfu_fs.write.backup import scan_layer, seed_mounted, stage_tree
+from squashfu_fs.util.say import say
+from squashfu_fs.write.layerscan import scan_layer
+from squashfu_fs.write.seed import SeedContents, commit_seed
+from squashfu_fs.write.union import merged_tree
 
 
 def plan(history: History, keep: int) -> tuple[int, ...]:
@@ -51,8 +49,7 @@ def resquash_now(root: Path, *, progress: bool = False, verbose: bool = False) -
         if history.seed is None:
             raise UsageError("nothing to resquash: the root has no backup yet")
         if not plan(history, config.min_bins):
-            print(f"squashfu: nothing to resquash: {len(history.bins)} bin(s), min_bins is "
-                  f"{config.min_bins}", file=sys.stderr)
+            say(True, f"nothing to resquash: {len(history.bins)} bin(s), min_bins is {config.min_bins}")
             return
         resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)
 
@@ -66,61 +63,33 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     old_seed = history.seed
     _refuse_if_in_use(layout, set(absorb))
     start = time.monotonic()
-    if verbose:
-        print(f"squashfu: resquashing bins {absorb[0]}..{absorb[-1]} into a new seed", file=sys.stderr)
-    generation = old_seed.generation + 1
-    tmp = layout.temp_seed(generation)
+    say(verbose, f"resquashing bins {absorb[0]}..{absorb[-1]} into a new seed")
     absorbed_bins = [history.bin(n) for n in absorb]
     escaped = old_seed.escaped_xattrs or any(b.escaped_xattrs for b in absorbed_bins)
     acl_paths = sorted({p for n in absorb for p in scan_layer(layout.bin(n), source=Path(config.source)).acl_paths})
-    lowers = [layout.bin_rel(n) for n in reversed(absorb)] + ["ro"]
-    with seed_mounted(layout, old_seed):
-        try:
-            with mounts.overlay_mounted(layout.merged, lowers, cwd=layout.root):
-                if escaped:
-                    # A read-only union shows escaped xattrs unescaped; re-escape them by
-                    # copying through a staging upper layer, as the first seed was made.
-                    stage_tree(layout, layout.merged, (), progress=progress, log=None)
-                    squash.make_image(layout.staging, tmp, config, progress=progress)
-                    squash.check_image(tmp, layout.staging, layout.rw)
-                else:
-                    squash.make_image(layout.merged, tmp, config, progress=progress)
-                    squash.check_image(tmp, layout.merged, layout.rw)
-        finally:
-            recovery.remove(layout.staging)
-    name = RootLayout.seed_name(generation)
-    os.replace(tmp, layout.seed(name))
-    fsync_dir(layout.root)
-    faults.checkpoint("seed-written")
     newest = absorbed_bins[-1]
-    seed = Seed(file=name, generation=generation, time=newest.time,
-                created=clock.now().isoformat(timespec="seconds"),
-                absorbed=old_seed.absorbed + absorb, duration=round(time.monotonic() - start, 3),
-                bytes=layout.seed(name).stat().st_size,
-                files=squash.inode_count(layout.seed(name)) - 1,
-                rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
-                source_device=newest.source_device, source_fsid=newest.source_fsid,
-                source_entries=newest.source_entries)
-    remaining = tuple(b for b in history.bins if b.number not in absorb)
-    history = history.with_seed(seed, remaining)
-    history_mod.save(layout.history, history)
-    faults.checkpoint("after-resquash-commit")
+    contents = SeedContents(time=newest.time, rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
+                            source_device=newest.source_device, source_fsid=newest.source_fsid,
+                            source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb)
+    history = commit_seed(layout, history, config,
+                          merged_tree(layout, old_seed, absorb, restage=escaped, progress=progress),
+                          contents=contents, started=start, progress=progress, checkpoint="after-resquash-commit",
+                          remaining=tuple(b for b in history.bins if b.number not in absorb))
     # A mounted view must never read another day's data: give readers a moment to load the new
     # history, then leave what a live view still reads (a cwd in an absorbed day) for a later
     # writer's recovery to delete once nobody reads it.
     late = readers.wait_for(layout.root, history.generation, unused=absorb)
     kept, held_seeds = readers.in_use(layout.root, history.generation, absorb)
-    if late and verbose:
-        print(f"squashfu: time-travel daemon(s) {late} did not catch up; leaving bins {sorted(kept)} "
-              "for a later command to delete", file=sys.stderr)
-    elif kept and verbose:
-        print(f"squashfu: bins {sorted(kept)} are still read through a mounted view; a later command "
-              "deletes them", file=sys.stderr)
+    if late:
+        say(verbose, f"time-travel daemon(s) {late} did not catch up; leaving bins {sorted(kept)} "
+            "for a later command to delete")
+    elif kept:
+        say(verbose, f"bins {sorted(kept)} are still read through a mounted view; a later command deletes them")
     if acl_paths:
         # Those entries now read without their ACLs; make the next backup compare them again.
         layout.manifest.unlink(missing_ok=True)
-        print(f"squashfu: the new seed cannot store the POSIX ACLs of {len(acl_paths)} entries: the days "
-              "in the history show them without ACLs until the next backup stores them again", file=sys.stderr)
+        say(True, f"the new seed cannot store the POSIX ACLs of {len(acl_paths)} entries: the days "
+            "in the history show them without ACLs until the next backup stores them again")
     for number in absorb:
         if number not in kept:
             recovery.remove_bin(layout, number)

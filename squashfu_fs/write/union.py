@@ -1,0 +1,97 @@
+"""Every overlay the write side mounts inside the root: the seed on ``ro/``, unions on ``rw/`` and ``.merged/``.
+
+A backup writes through a union of the committed layers under a fresh upper
+directory; the first backup and a resquash that must re-escape xattrs write
+through a union over an empty layer (staging); a resquash reads a read-only
+merge of the layers it absorbs. Each is a context manager that always takes
+its mounts down (docs/layout.md, "A bin: an overlayfs upper layer").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from squashfu_fs.engines import mounts, rsync
+from squashfu_fs.store import recovery
+from squashfu_fs.store.history import History, Seed
+from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.util import beneath
+from squashfu_fs.write import unionfix
+
+
+def union_lowers(layout: RootLayout, bins: Sequence[int]) -> list[str]:
+    """The overlay ``lowerdir`` for ``bins`` (oldest first) over the seed mount: newest first, ``ro`` last."""
+    return [layout.bin_rel(n) for n in reversed(bins)] + ["ro"]
+
+
+@contextmanager
+def seed_mounted(layout: RootLayout, seed: Seed) -> Iterator[Path]:
+    """The seed image loop-mounted read-only on ``ro/`` for the length of a block."""
+    with mounts.squashfs_mounted(layout.seed(seed.file), layout.ro):
+        yield layout.ro
+
+
+@contextmanager
+def overlay_union(layout: RootLayout, lowers: list[str], *, upper: str, work: Path) -> Iterator[Path]:
+    """The writable union on ``rw/``, always unmounted and its workdir removed afterwards."""
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with mounts.overlay_mounted(layout.rw, lowers, upper=upper,
+                                    work=os.path.relpath(work, layout.root), cwd=layout.root):
+            yield layout.rw
+    finally:
+        recovery.remove(work)
+
+
+@contextmanager
+def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
+    """The committed state read-only on ``rw/`` (a dry run compares the source with it)."""
+    assert history.seed is not None
+    with seed_mounted(layout, history.seed):
+        lowers = union_lowers(layout, [b.number for b in history.bins])
+        if len(lowers) < 2:  # a read-only overlay needs two lower layers
+            lowers.append(os.path.relpath(layout.empty, layout.root))
+        with mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
+            yield layout.rw
+
+
+def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
+               progress: bool, log: Path | None) -> rsync.RsyncResult:
+    """rsync ``source`` into ``.staging`` through an overlay with an empty lower layer.
+
+    Going through overlayfs makes the staging tree a proper upper layer: a
+    source's own ``trusted.overlay.*`` xattrs are stored escaped, as in bins.
+    """
+    recovery.remove(layout.staging)
+    layout.staging.mkdir()
+    with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
+                       upper=os.path.relpath(layout.staging, layout.root), work=layout.work / "staging"):
+        result = rsync.run(rsync.backup_args(source, layout.rw, excludes), log=log,
+                           progress=progress, label="backup")
+        with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
+            unionfix.restore_dir_times(source_fd, union_fd, os.fsencode(layout.staging))
+        return result
+
+
+@contextmanager
+def merged_tree(layout: RootLayout, seed: Seed, bins: Sequence[int], *, restage: bool,
+                progress: bool) -> Iterator[Path]:
+    """``seed`` and ``bins`` merged read-only on ``.merged/``: the tree a resquash squashes.
+
+    A read-only union shows escaped xattrs unescaped; with ``restage`` the
+    merge is copied through a staging upper layer first (as the first seed
+    was made), which re-escapes them, and that copy is the tree.
+    """
+    with seed_mounted(layout, seed):
+        try:
+            with mounts.overlay_mounted(layout.merged, union_lowers(layout, bins), cwd=layout.root):
+                if restage:
+                    stage_tree(layout, layout.merged, (), progress=progress, log=None)
+                    yield layout.staging
+                else:
+                    yield layout.merged
+        finally:
+            recovery.remove(layout.staging)
