@@ -38,7 +38,7 @@ from squashfu_fs.errors import SquashfuError, UsageError
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.registry import state_root
-from squashfu_fs.util.process import process_start_time
+from squashfu_fs.util.process import alive_pid, identity
 
 if TYPE_CHECKING:
     from squashfu_fs.read.vfs import Usage
@@ -63,17 +63,15 @@ def state_dir(mountpoint: Path) -> Path:
 def daemon_pid(mountpoint: Path) -> int | None:
     """The PID of the live daemon serving ``mountpoint``, or None (tests use this)."""
     try:
-        first = (state_dir(mountpoint) / "pid").read_text().split("\n", 1)[0].split()
-        pid, started = int(first[0]), first[1]
-    except (OSError, ValueError, IndexError):
+        first = (state_dir(mountpoint) / "pid").read_text().split("\n", 1)[0]
+    except (OSError, ValueError):
         return None
-    return pid if process_start_time(pid) == started else None
+    return alive_pid(first)
 
 
 def _write_pid(state: Path, mountpoint: Path) -> None:
-    pid = os.getpid()
     tmp = state / "pid.tmp"
-    tmp.write_text(f"{pid} {process_start_time(pid)}\n{mountpoint}\n")
+    tmp.write_text(f"{identity()}\n{mountpoint}\n")
     os.replace(tmp, state / "pid")
 
 

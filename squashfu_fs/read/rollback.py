@@ -31,7 +31,7 @@ from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
 from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util import beneath, durable
-from squashfu_fs.util.process import process_start_time
+from squashfu_fs.util.process import alive_pid, identity
 
 RECORD = "record.json"
 
@@ -80,10 +80,7 @@ class RollbackRecord:
         """Still mounted, and (for a private view) its owner still running."""
         if self.overlay() is None:
             return False
-        if self.owner:
-            pid, started = self.owner.split()
-            return process_start_time(int(pid)) == started
-        return True
+        return not self.owner or alive_pid(self.owner) is not None
 
     def seed_mounts(self) -> list[bytes]:
         """Where this record's seed is mounted, under whatever name the root was reached by."""
@@ -162,7 +159,7 @@ def _mount_view(layout: RootLayout, history: history_mod.History, spec: ViewSpec
     assert history.seed is not None
     layout.rollbacks.mkdir(exist_ok=True)
     ident = _next_ident(layout)
-    owner = f"{os.getpid()} {process_start_time(os.getpid())}" if private else ""
+    owner = identity() if private else ""
     directory = layout.rollbacks / ident
     # The seed layer is named absolutely so `umount` can find this record from mountinfo.
     record = RollbackRecord(ident, os.path.realpath(target), spec.name, spec.bins,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from squashfu_fs.errors import SquashfuError
 from squashfu_fs.util.durable import atomic_write
-from squashfu_fs.util.process import process_start_time
+from squashfu_fs.util.process import alive, process_start_time
 
 SEEN = "seen.json"
 
@@ -94,7 +94,7 @@ def live_readers(root: Path) -> list[Reader]:
                             frozenset(map(str, record.get("seeds", ()))))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if process_start_time(pid) == record.get("start"):
+        if alive(pid, record.get("start")):
             out.append(reader)
     return out
 
