@@ -18,6 +18,7 @@ from pathlib import Path
 from squashfu_fs.engines import mounts
 from squashfu_fs.errors import CorruptRootError
 from squashfu_fs.store import registry as readers
+from squashfu_fs.store import rollbacks
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 
@@ -75,12 +76,10 @@ def _check_committed(layout: RootLayout, history: History) -> None:
 
 
 def _stale_rollbacks(layout: RootLayout) -> list[str]:
-    from squashfu_fs.read.rollback import drop_record, records  # rollback imports recovery
-
     removed = []
-    for record in records(layout):
+    for record in rollbacks.records(layout):
         if not record.is_live():
-            drop_record(record)
+            rollbacks.drop_record(record)
             removed.append(f"stale roll-back record {record.ident}")
     if layout.rollbacks.is_dir():
         for entry in layout.rollbacks.iterdir():

@@ -12,7 +12,8 @@ deletes only what no live reader may still read (:func:`in_use`); what it
 leaves, a later writer's recovery deletes once nobody reads it. The root is
 recorded by device and inode: a daemon started through ``/backup`` (a
 symlink or a bind mount) serves the same root as a resquash run on
-``/srv/backup``.
+``/srv/backup``. Kernel roll-backs answer the same question in
+:mod:`squashfu_fs.store.rollbacks`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from squashfu_fs.engines import mksquashfs as squash
 from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
-from squashfu_fs.read.rollback import records
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import recovery
@@ -28,6 +27,7 @@ from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.rollbacks import records
 from squashfu_fs.util import clock, faults
 from squashfu_fs.util.durable import fsync_dir
 from squashfu_fs.write.backup import scan_layer, seed_mounted, stage_tree
