@@ -22,20 +22,12 @@ from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import SquashfuError
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import recovery, rollbacks
+from squashfu_fs.store import layers, recovery, rollbacks
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
 from squashfu_fs.store.rollbacks import RollbackRecord
 from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util.process import identity
-
-
-def lowers_for(layout: RootLayout, spec: ViewSpec, seed_dir: str) -> list[str]:
-    """A view's overlay lowerdir list, newest first; overlay wants two at least."""
-    lowers = [layout.bin_rel(n) for n in spec.bins] + [seed_dir]
-    if len(lowers) < 2:
-        lowers.append(os.path.relpath(layout.empty, layout.root))
-    return lowers
 
 
 def mount_rollback(root: Path, view: str, mountpoint: Path) -> ViewSpec:
@@ -67,7 +59,8 @@ def _mount_view(layout: RootLayout, history: history_mod.History, spec: ViewSpec
     record.save()  # before mounting: a crash mid-mount leaves a record recovery can find
     try:
         mounts.mount_squashfs(layout.seed(history.seed.file), record.seed_mount)
-        mounts.mount_overlay(target, lowers_for(layout, spec, record.seed_layer), cwd=layout.root,
+        lowers = layers.lowerdirs(layout, [history.bin(n) for n in spec.bins], record.seed_layer, read_only=True)
+        mounts.mount_overlay(target, lowers, cwd=layout.root,
                              executable=not private)  # a user's roll-back may run programs
         seed_entry, entry = mounts.find_mount(record.seed_mount), mounts.find_mount(target)
         if seed_entry is None or entry is None:

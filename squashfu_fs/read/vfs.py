@@ -30,8 +30,9 @@ from typing import Protocol
 
 from squashfu_fs import overlay as layerstack
 from squashfu_fs.errors import SquashfuError
-from squashfu_fs.overlay import DirLayer, Entry, StatLike
+from squashfu_fs.overlay import Entry, Layer, StatLike
 from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import layers as layer_kinds
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
@@ -103,7 +104,7 @@ class View:
                  "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
-                 layers: list[DirLayer], seed_file: str) -> None:
+                 layers: list[Layer], seed_file: str) -> None:
         self.id = view_id
         self.name = name
         self.spec = spec
@@ -333,8 +334,8 @@ class Vfs:
         if view is None:
             if self._next_view >= _VIEW_LIMIT:
                 raise SquashfuError("this mount has created too many views; remount it")
-            layers = [DirLayer(self.layout.bin(n)) for n in spec.bins]
-            layers.append(DirLayer(self._seed_dirs[self._current_seed]))
+            layers = layer_kinds.stack(self.layout, [self.history.bin(n) for n in spec.bins],
+                                       self._seed_dirs[self._current_seed])
             view = View(self._next_view, name, spec, key, layers, self._current_seed)
             self._next_view += 1
             self.by_id[view.id] = view
