@@ -37,6 +37,7 @@ from squashfu_fs.engines.run import last_line, require, run
 from squashfu_fs.errors import SquashfuError, UsageError
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.registry import state_root
 from squashfu_fs.util.process import alive_pid, identity
 
@@ -130,17 +131,9 @@ def _unmount_any(target: Path) -> None:
 
 def check_mount(root: Path, mountpoint: Path) -> RootLayout:
     """Everything a user can get wrong, as one-line errors, before anything is mounted."""
-    layout = RootLayout(root)
-    try:
-        os.close(os.open(layout.history, os.O_RDONLY | os.O_CLOEXEC))
-    except PermissionError:  # roots are private (docs/filesystem.md): others browse root's mount
-        raise UsageError(f"{root} is private to its owner; ask root to mount it with --allow-other "
-                         "(contrib/squashfu-mount@.service)") from None
-    except OSError:
-        pass
-    if not layout.history.is_file():
-        raise UsageError(f"{root} is not a squashfu backup root (no {layout.history.name})")
-    mounts.check_mountpoint(root, mountpoint)
+    with opened_root(root, "mount", write=False) as opened:  # a reader: no lock, and no config needed
+        layout = opened.layout
+    mounts.check_mountpoint(layout.root, mountpoint)
     if not os.path.exists("/dev/fuse"):
         raise SquashfuError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
     if os.geteuid() != 0:

@@ -17,9 +17,7 @@ from squashfu_fs.engines import mounts, rsync
 from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import ExternalCommandError, PartialError, UsageError
 from squashfu_fs.read.rollback import mounted_view
-from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import history as history_mod
-from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import ViewTable
 from squashfu_fs.util import beneath
 
@@ -35,7 +33,8 @@ def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bo
     through ``pass_fds``, so it cannot resolve either differently.
     """
     require_root("restore")
-    config = config_mod.load(root)
+    with opened_root(root, "restore", write=False) as opened:
+        config = opened.config
     # rsync's convention: "docs" copies the directory itself, "docs/" its contents.
     relative = os.fsencode(path or "").lstrip(b"/")
     if b".." in relative.split(b"/"):
@@ -46,7 +45,7 @@ def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bo
         top, missing = _nearest_directory(target)
         fds.callback(os.close, top)
         guard.check(top, target, whole=not missing)
-        with mounted_view(root, view) as (mounted, _spec):
+        with mounted_view(root, view, "restore") as (mounted, _spec):
             view_fd = os.open(mounted, beneath.DIR_FLAGS | os.O_NOFOLLOW)
             fds.callback(os.close, view_fd)
             source, source_fd, shown = _resolve_in_view(view_fd, relative, path, view)
@@ -204,10 +203,10 @@ def _why_not(view_fd: int, parts: list[bytes], path: str | None, view: str, exc:
 def diff_views(root: Path, view_a: str, view_b: str) -> None:
     """Print what changed between two days, as rsync's itemized list."""
     require_root("diff")
-    layout = RootLayout(root)
-    table = ViewTable.from_history(history_mod.load(layout.history))
-    table.resolve(view_a)
-    table.resolve(view_b)
-    with mounted_view(root, view_a) as (a, _), mounted_view(root, view_b) as (b, _):
+    with opened_root(root, "diff", write=False) as opened:  # both names, before either is mounted
+        table = ViewTable.from_history(opened.history)
+        table.resolve(view_a)
+        table.resolve(view_b)
+    with mounted_view(root, view_a, "diff") as (a, _), mounted_view(root, view_b, "diff") as (b, _):
         args = rsync.backup_args(b, a, (), dry_run=True)
         rsync.run(args, echo_items=True)

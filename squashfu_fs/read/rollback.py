@@ -10,6 +10,7 @@ through private views made the same way (:func:`mounted_view`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -20,11 +21,10 @@ from pathlib import Path
 from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import SquashfuError
-from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import layers, recovery, rollbacks
+from squashfu_fs.store import layers, rollbacks
+from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.rollbacks import RollbackRecord
 from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util.process import identity
@@ -33,18 +33,14 @@ from squashfu_fs.util.process import identity
 def mount_rollback(root: Path, view: str, mountpoint: Path) -> ViewSpec:
     """Mount VIEW's state read-only at ``mountpoint`` with the kernel's overlayfs."""
     require_root("rollback")
-    layout = RootLayout(root)
-    config_mod.load(root)
-    with writer_lock(layout.lock, "rollback"):
-        history = history_mod.load(layout.history)
-        recovery.recover(layout, history)
-        spec = ViewTable.from_history(history).resolve(view)
-        mounts.check_mountpoint(layout.root, mountpoint)
-        _mount_view(layout, history, spec, mountpoint)
+    with opened_root(root, "rollback", write=True) as opened:
+        spec = ViewTable.from_history(opened.history).resolve(view)
+        mounts.check_mountpoint(opened.layout.root, mountpoint)
+        _mount_view(opened.layout, opened.history, spec, mountpoint)
     return spec
 
 
-def _mount_view(layout: RootLayout, history: history_mod.History, spec: ViewSpec, target: Path, *,
+def _mount_view(layout: RootLayout, history: History, spec: ViewSpec, target: Path, *,
                 private: bool = False) -> None:
     """Record a roll-back, mount its seed privately and stack the view's layers on ``target``."""
     assert history.seed is not None
@@ -85,20 +81,28 @@ def unmount_rollback(mountpoint: Path) -> None:
 
 
 @contextmanager
-def mounted_view(root: Path, view: str) -> Iterator[tuple[Path, ViewSpec]]:
-    """A private read-only roll-back of VIEW (inside the root) for a ``with`` block."""
-    layout = RootLayout(root)
-    with writer_lock(layout.lock, "restore"):
+def mounted_view(root: Path, view: str, command: str) -> Iterator[tuple[Path, ViewSpec]]:
+    """A private read-only roll-back of VIEW (inside the root) for a ``with`` block.
+
+    It is set up as a writer (lock, recovery), since it writes a roll-back
+    record, and used without the lock: a long restore does not hold off the
+    night's backup.
+    """
+    with opened_root(root, command, write=True) as opened:
+        layout = opened.layout
         layout.rollbacks.mkdir(exist_ok=True)
         target = Path(tempfile.mkdtemp(prefix="view-", dir=layout.rollbacks))
-    try:
-        with writer_lock(layout.lock, "restore"):
-            history = history_mod.load(layout.history)
-            spec = ViewTable.from_history(history).resolve(view)
-            _mount_view(layout, history, spec, target, private=True)
         try:
-            yield target, spec
-        finally:
-            unmount_rollback(target)
+            spec = ViewTable.from_history(opened.history).resolve(view)
+            _mount_view(layout, opened.history, spec, target, private=True)
+        except BaseException:
+            target.rmdir()
+            raise
+    try:
+        yield target, spec
     finally:
-        target.rmdir()
+        try:
+            unmount_rollback(target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # a writer's recovery may have removed it already
+                target.rmdir()

@@ -1,6 +1,7 @@
 """Crash recovery (docs/crash-safety.md): remove the debris an interrupted command left.
 
-Every writer calls :func:`recover` right after taking the lock. It trusts only
+Every writer recovers right after taking the lock
+(:func:`squashfu_fs.store.opening.opened_root` does both). It trusts only
 ``history.json``: mounts on ``ro/`` and ``rw/`` are taken down, and bins,
 images and staging areas that history does not name are deleted, except the
 bins and seed images a live time-travel daemon still reads (a view the

@@ -28,13 +28,12 @@ from squashfu_fs.engines import mksquashfs as squash
 from squashfu_fs.engines import mounts, rsync
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, PartialBackupError, SourceChangedError, SquashfuError, UsageError, describe
-from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, privacy, recovery
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, durable, faults
 from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.write import changes, unionfix
@@ -117,19 +116,21 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
     require_root("backup")
     for tool in ("rsync", "mksquashfs", "mount", "umount"):
         require(tool)
-    layout = RootLayout(root)
-    config = config_mod.load(root)
-    source = Path(config.source)
-    if not source.is_dir():
-        raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
-    placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
-    own = own_mounts_below(source)
-    if own:  # never back up the history into itself
-        _say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
-        config = dataclasses.replace(config, excludes=(*config.excludes, *own))
-    with writer_lock(layout.lock, "backup"):
-        history = history_mod.load(layout.history)
-        for line in recovery.recover(layout, history):
+
+    def refuse_source(config: Config) -> None:
+        """Before the lock: a source that is not there, or holds the root, is refused untouched."""
+        source = Path(config.source)
+        if not source.is_dir():
+            raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
+        placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
+
+    with opened_root(root, "backup", write=True, check=refuse_source) as opened:
+        layout, config, history = opened.layout, opened.config, opened.history
+        own = own_mounts_below(Path(config.source))
+        if own:  # never back up the history into itself
+            _say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
+            config = dataclasses.replace(config, excludes=(*config.excludes, *own))
+        for line in opened.recovered:
             _say(verbose, f"recovered: {line}")
         when = clock.now()
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None

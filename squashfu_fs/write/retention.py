@@ -19,14 +19,13 @@ from squashfu_fs.engines import mksquashfs as squash
 from squashfu_fs.engines import mounts
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
-from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History, Seed
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.rollbacks import records
 from squashfu_fs.util import clock, faults
 from squashfu_fs.util.durable import fsync_dir
@@ -43,11 +42,8 @@ def resquash_now(root: Path, *, progress: bool = False, verbose: bool = False) -
     """``squashfu resquash``: merge down to ``min_bins`` bins now."""
     require_root("resquash")
     require("mksquashfs")
-    layout = RootLayout(root)
-    config = config_mod.load(root)
-    with writer_lock(layout.lock, "resquash"):
-        history = history_mod.load(layout.history)
-        recovery.recover(layout, history)
+    with opened_root(root, "resquash", write=True) as opened:
+        layout, config, history = opened.layout, opened.config, opened.history
         if history.seed is None:
             raise UsageError("nothing to resquash: the root has no backup yet")
         if not plan(history, config.min_bins):
