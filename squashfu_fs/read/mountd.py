@@ -1,4 +1,4 @@
-"""The lifecycle of a time-travel mount: checks, daemon, seed mount, clean exit (DESIGN §4).
+"""The lifecycle of a time-travel mount: checks, daemon, seed mount, clean exit (docs/filesystem.md).
 
 ``mount_history`` checks everything a user can get wrong first (one-line
 errors), then forks *before* pyfuse3 and trio exist in the process (as S3QL

@@ -1,4 +1,4 @@
-"""The time-travel tree (DESIGN §4) without pyfuse3: inodes, views, history reloads.
+"""The time-travel tree (docs/filesystem.md) without pyfuse3: inodes, views, history reloads.
 
 The root lists the names of :class:`~squashfu_fs.store.views.ViewTable`; each dated
 view (and ``seed``) is a :class:`View` whose layer stack is assembled on the
@@ -79,22 +79,6 @@ class SeedProvider(Protocol):
 
     def acquire(self, file_name: str) -> bytes: ...
     def release(self, file_name: str) -> None: ...
-
-
-class PlainSeeds:
-    """Seeds that already are directories (tests, and an unpacked seed)."""
-
-    def __init__(self, directory_of: Callable[[str], bytes]) -> None:
-        self.directory_of = directory_of
-        self.acquired: list[str] = []
-        self.released: list[str] = []
-
-    def acquire(self, file_name: str) -> bytes:
-        self.acquired.append(file_name)
-        return self.directory_of(file_name)
-
-    def release(self, file_name: str) -> None:
-        self.released.append(file_name)
 
 
 class View:
