@@ -129,6 +129,8 @@ def test_an_unknown_kind_of_bin_is_refused_not_guessed(tmp_path: Path) -> None:
         layers.lowerdirs(layout, [sealed], "ro")
     with pytest.raises(CorruptRootError, match="'sealed'"):
         layers.layer(layout, sealed)
+    with pytest.raises(CorruptRootError, match="'sealed'"):
+        layers.check_known(history.bins)
 
 
 def test_a_committed_layer_that_is_missing_stops_recovery(tmp_path: Path) -> None:

@@ -219,6 +219,7 @@ class Vfs:
         if key == self._history_key:
             return None
         new = history_mod.load(self.layout.history)
+        layer_kinds.check_known(new.bins)  # refused here, the tree keeps serving the history it had
         if new.seed is not None and new.seed.file not in self._seed_dirs:
             self._seed_dirs[new.seed.file] = self.seeds.acquire(new.seed.file)
             self._idle_seeds.add(new.seed.file)  # until installed: let go of it if it never is

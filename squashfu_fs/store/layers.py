@@ -47,6 +47,12 @@ def _kind(entry: Bin) -> _DirectoryBin:
                                "squashfu cannot read; refusing to touch the root") from None
 
 
+def check_known(bins: Iterable[Bin]) -> None:
+    """Refuse bins of a kind this squashfu cannot read before anything is built from them."""
+    for b in bins:
+        _kind(b)
+
+
 def lowerdir(layout: RootLayout, entry: Bin) -> str:
     """What the kernel stacks for a bin: a name relative to the root (overlay's options fit in one page)."""
     return _kind(entry).lowerdir(layout, entry.number)
