@@ -210,7 +210,7 @@ def rollback(root: Path, view: str, mountpoint: Path) -> None:
 def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
             progress: bool | None) -> None:
     """Copy VIEW (or PATH in it) to TARGET with all metadata."""
-    from squashfu_fs.read.rollback import restore as do_restore
+    from squashfu_fs.read.restore import restore as do_restore
 
     do_restore(root, view, path, Path(os.path.abspath(target)), delete=delete,
                progress=_want_progress(progress))
@@ -222,7 +222,7 @@ def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
 @click.argument("view_b")
 def diff(root: Path, view_a: str, view_b: str) -> None:
     """What changed between two days."""
-    from squashfu_fs.read.rollback import diff_views
+    from squashfu_fs.read.restore import diff_views
 
     diff_views(root, view_a, view_b)
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from squashfu_fs.read.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
-from squashfu_fs.read.vfs import ROOT_INO, PlainSeeds, Vfs
+from squashfu_fs.read.vfs import ROOT_INO, Vfs
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
@@ -27,6 +27,22 @@ T0 = datetime(2026, 11, 2, 2, 0).astimezone()  # a Monday
 
 def at(day: int) -> str:
     return T0.replace(day=2 + day).isoformat()
+
+
+class PlainSeeds:
+    """Stands in for the seed mounts: seeds that already are directories; records what was asked."""
+
+    def __init__(self, directory_of: Callable[[str], bytes]) -> None:
+        self.directory_of = directory_of
+        self.acquired: list[str] = []
+        self.released: list[str] = []
+
+    def acquire(self, file_name: str) -> bytes:
+        self.acquired.append(file_name)
+        return self.directory_of(file_name)
+
+    def release(self, file_name: str) -> None:
+        self.released.append(file_name)
 
 
 class Recorder:

@@ -37,8 +37,9 @@ from squashfu_fs.engines.run import last_line, require, run
 from squashfu_fs.errors import SquashfuError, UsageError
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.registry import state_root
-from squashfu_fs.util.process import process_start_time
+from squashfu_fs.util.process import alive_pid, identity
 
 if TYPE_CHECKING:
     from squashfu_fs.read.vfs import Usage
@@ -63,17 +64,15 @@ def state_dir(mountpoint: Path) -> Path:
 def daemon_pid(mountpoint: Path) -> int | None:
     """The PID of the live daemon serving ``mountpoint``, or None (tests use this)."""
     try:
-        first = (state_dir(mountpoint) / "pid").read_text().split("\n", 1)[0].split()
-        pid, started = int(first[0]), first[1]
-    except (OSError, ValueError, IndexError):
+        first = (state_dir(mountpoint) / "pid").read_text().split("\n", 1)[0]
+    except (OSError, ValueError):
         return None
-    return pid if process_start_time(pid) == started else None
+    return alive_pid(first)
 
 
 def _write_pid(state: Path, mountpoint: Path) -> None:
-    pid = os.getpid()
     tmp = state / "pid.tmp"
-    tmp.write_text(f"{pid} {process_start_time(pid)}\n{mountpoint}\n")
+    tmp.write_text(f"{identity()}\n{mountpoint}\n")
     os.replace(tmp, state / "pid")
 
 
@@ -122,17 +121,9 @@ class SeedMounts:
 
 def check_mount(root: Path, mountpoint: Path) -> RootLayout:
     """Everything a user can get wrong, as one-line errors, before anything is mounted."""
-    layout = RootLayout(root)
-    try:
-        os.close(os.open(layout.history, os.O_RDONLY | os.O_CLOEXEC))
-    except PermissionError:  # roots are private (docs/filesystem.md): others browse root's mount
-        raise UsageError(f"{root} is private to its owner; ask root to mount it with --allow-other "
-                         "(contrib/squashfu-mount@.service)") from None
-    except OSError:
-        pass
-    if not layout.history.is_file():
-        raise UsageError(f"{root} is not a squashfu backup root (no {layout.history.name})")
-    mounts.check_mountpoint(root, mountpoint)
+    with opened_root(root, "mount", write=False) as opened:  # a reader: no lock, and no config needed
+        layout = opened.layout
+    mounts.check_mountpoint(layout.root, mountpoint)
     if not os.path.exists("/dev/fuse"):
         raise SquashfuError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
     if os.geteuid() != 0:

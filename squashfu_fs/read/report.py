@@ -6,16 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from squashfu_fs.store import history as history_mod
-from squashfu_fs.store.layout import RootLayout
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import WEEKDAYS, ViewTable
 from squashfu_fs.util.units import human
 
 
 def rows(root: Path) -> dict[str, Any]:
     """The report as data: one row per layer, oldest first, and the totals."""
-    layout = RootLayout(root)
-    history = history_mod.load(layout.history)
+    with opened_root(root, "list", write=False) as opened:
+        layout, history = opened.layout, opened.history
     table = ViewTable.from_history(history)
     shown = {spec.top: name for name, spec in table.dated.items()}
     layers: list[dict[str, Any]] = []

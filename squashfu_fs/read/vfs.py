@@ -1,4 +1,4 @@
-"""The time-travel tree (DESIGN §4) without pyfuse3: inodes, views, history reloads.
+"""The time-travel tree (docs/filesystem.md) without pyfuse3: inodes, views, history reloads.
 
 The root lists the names of :class:`~squashfu_fs.store.views.ViewTable`; each dated
 view (and ``seed``) is a :class:`View` whose layer stack is assembled on the
@@ -30,8 +30,9 @@ from typing import Protocol
 
 from squashfu_fs import overlay as layerstack
 from squashfu_fs.errors import SquashfuError
-from squashfu_fs.overlay import DirLayer, Entry, StatLike
+from squashfu_fs.overlay import Entry, Layer, StatLike
 from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import layers as layer_kinds
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
@@ -80,22 +81,6 @@ class SeedProvider(Protocol):
     def release(self, file_name: str) -> None: ...
 
 
-class PlainSeeds:
-    """Seeds that already are directories (tests, and an unpacked seed)."""
-
-    def __init__(self, directory_of: Callable[[str], bytes]) -> None:
-        self.directory_of = directory_of
-        self.acquired: list[str] = []
-        self.released: list[str] = []
-
-    def acquire(self, file_name: str) -> bytes:
-        self.acquired.append(file_name)
-        return self.directory_of(file_name)
-
-    def release(self, file_name: str) -> None:
-        self.released.append(file_name)
-
-
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
@@ -103,7 +88,7 @@ class View:
                  "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
-                 layers: list[DirLayer], seed_file: str) -> None:
+                 layers: list[Layer], seed_file: str) -> None:
         self.id = view_id
         self.name = name
         self.spec = spec
@@ -234,6 +219,7 @@ class Vfs:
         if key == self._history_key:
             return None
         new = history_mod.load(self.layout.history)
+        layer_kinds.check_known(new.bins)  # refused here, the tree keeps serving the history it had
         if new.seed is not None and new.seed.file not in self._seed_dirs:
             self._seed_dirs[new.seed.file] = self.seeds.acquire(new.seed.file)
             self._idle_seeds.add(new.seed.file)  # until installed: let go of it if it never is
@@ -333,8 +319,8 @@ class Vfs:
         if view is None:
             if self._next_view >= _VIEW_LIMIT:
                 raise SquashfuError("this mount has created too many views; remount it")
-            layers = [DirLayer(self.layout.bin(n)) for n in spec.bins]
-            layers.append(DirLayer(self._seed_dirs[self._current_seed]))
+            layers = layer_kinds.stack(self.layout, [self.history.bin(n) for n in spec.bins],
+                                       self._seed_dirs[self._current_seed])
             view = View(self._next_view, name, spec, key, layers, self._current_seed)
             self._next_view += 1
             self.by_id[view.id] = view

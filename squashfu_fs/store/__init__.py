@@ -1,2 +1,2 @@
-"""The backup root on disk: its layout, config, history, layer kinds, view names, lock, recovery and
-the registry of who reads which layers."""
+"""The backup root on disk: its layout, config, history, layer kinds, view names, lock, recovery, the
+registry of who reads which layers, and the one way a command opens a root (:mod:`.opening`)."""

@@ -1,4 +1,4 @@
-"""Where things live inside a backup root (DESIGN §3), in one place.
+"""Where things live inside a backup root (docs/layout.md), in one place.
 
 Every other module asks a :class:`RootLayout` for paths instead of joining
 names itself, so the on-disk format is written down exactly once.

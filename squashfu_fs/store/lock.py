@@ -1,4 +1,4 @@
-"""One writer at a time (DESIGN §5.4): an ``flock`` on ``ROOT/.lock``.
+"""One writer at a time (docs/crash-safety.md, "The lock"): an ``flock`` on ``ROOT/.lock``.
 
 The holder writes who it is into the lock file, so a second writer can fail
 at once with a message naming it. The kernel drops the lock when the holder

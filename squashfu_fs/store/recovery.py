@@ -1,6 +1,7 @@
 """Crash recovery (docs/crash-safety.md): remove the debris an interrupted command left.
 
-Every writer calls :func:`recover` right after taking the lock. It trusts only
+Every writer recovers right after taking the lock
+(:func:`squashfu_fs.store.opening.opened_root` does both). It trusts only
 ``history.json``: mounts on ``ro/`` and ``rw/`` are taken down, and bins,
 images and staging areas that history does not name are deleted, except the
 bins and seed images a live time-travel daemon still reads (a view the
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from squashfu_fs.engines import mounts
-from squashfu_fs.errors import CorruptRootError
+from squashfu_fs.store import layers, rollbacks
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
@@ -32,12 +33,12 @@ def recover(layout: RootLayout, history: History) -> list[str]:
         for mounted in mounts.mounts_below(point):
             mounts.unmount(os.fsdecode(mounted))
             removed.append(f"stale mount {os.fsdecode(mounted)}")
-    committed = {name for b in history.bins for name in (str(b.number), layout.opaque_record(b.number).name)}
+    committed = {name for b in history.bins for name in layers.bin_names(layout, b.number)}
     names = [entry.name for entry in os.scandir(layout.bins)] if layout.bins.is_dir() else []
     # Bins a resquash absorbed (numbers history handed out) that a live view may still read.
     absorbed = {int(n) for n in names if n.isdigit() and n not in committed and int(n) < history.next_bin}
     read_bins, read_seeds = readers.in_use(layout.root, history.generation, absorbed)
-    kept = {name for n in read_bins for name in (str(n), layout.opaque_record(n).name)}
+    kept = {name for n in read_bins for name in layers.bin_names(layout, n)}
     for name in names:
         if name in committed or name in kept:
             continue
@@ -66,21 +67,17 @@ def recover(layout: RootLayout, history: History) -> list[str]:
 
 
 def _check_committed(layout: RootLayout, history: History) -> None:
-    if history.seed is not None and not layout.seed(history.seed.file).is_file():
-        raise CorruptRootError(f"history names {history.seed.file} but it is missing; refusing to touch the root")
+    if history.seed is not None:
+        layers.check_present(layout, history.seed)
     for b in history.bins:
-        if not layout.bin(b.number).is_dir():
-            raise CorruptRootError(f"history names bin {b.number} but bins/{b.number} is missing; "
-                                   "refusing to touch the root")
+        layers.check_present(layout, b)
 
 
 def _stale_rollbacks(layout: RootLayout) -> list[str]:
-    from squashfu_fs.read.rollback import drop_record, records  # rollback imports recovery
-
     removed = []
-    for record in records(layout):
+    for record in rollbacks.records(layout):
         if not record.is_live():
-            drop_record(record)
+            rollbacks.drop_record(record)
             removed.append(f"stale roll-back record {record.ident}")
     if layout.rollbacks.is_dir():
         for entry in layout.rollbacks.iterdir():

@@ -12,7 +12,8 @@ deletes only what no live reader may still read (:func:`in_use`); what it
 leaves, a later writer's recovery deletes once nobody reads it. The root is
 recorded by device and inode: a daemon started through ``/backup`` (a
 symlink or a bind mount) serves the same root as a resquash run on
-``/srv/backup``.
+``/srv/backup``. Kernel roll-backs answer the same question in
+:mod:`squashfu_fs.store.rollbacks`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from squashfu_fs.errors import SquashfuError
 from squashfu_fs.util.durable import atomic_write
-from squashfu_fs.util.process import process_start_time
+from squashfu_fs.util.process import alive, process_start_time
 
 SEEN = "seen.json"
 
@@ -94,7 +95,7 @@ def live_readers(root: Path) -> list[Reader]:
                             frozenset(map(str, record.get("seeds", ()))))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if process_start_time(pid) == record.get("start"):
+        if alive(pid, record.get("start")):
             out.append(reader)
     return out
 

@@ -1,4 +1,4 @@
-"""View naming (DESIGN §4): which committed state each name of the past shows.
+"""View naming (docs/commands.md, "VIEW names"): which committed state each name of the past shows.
 
 Pure logic over a :class:`~squashfu_fs.store.history.History`; both the read-only
 kernel roll-back and the time-travel filesystem use it, so ``wed`` means the

@@ -1,6 +1,14 @@
-"""Telling a live process from a dead one whose PID was reused: its start time."""
+"""Telling a live process from a dead one whose PID was reused: its start time.
+
+Every record that names a process (a daemon's pid file and ``seen.json``, a
+restore's roll-back record) stores its PID with its start time and asks
+:func:`alive` before trusting it, so a PID the kernel handed to someone else
+never keeps a layer or a mount alive.
+"""
 
 from __future__ import annotations
+
+import os
 
 
 def process_start_time(pid: int) -> str | None:
@@ -14,3 +22,24 @@ def process_start_time(pid: int) -> str | None:
     if fields[0] == b"Z":
         return None
     return fields[19].decode()
+
+
+def identity(pid: int | None = None) -> str:
+    """``"PID STARTTIME"`` of a process (this one by default): how a record names its owner."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid} {process_start_time(pid)}"
+
+
+def alive(pid: int, start: object) -> bool:
+    """Whether process ``pid`` that started at ``start`` still runs (not a later process with its PID)."""
+    return start is not None and process_start_time(pid) == start
+
+
+def alive_pid(ident: str) -> int | None:
+    """The PID an :func:`identity` names if that very process still runs; None if it died or ``ident`` is bad."""
+    try:
+        pid_text, start = ident.split()
+        pid = int(pid_text)
+    except ValueError:
+        return None
+    return pid if alive(pid, start) else None

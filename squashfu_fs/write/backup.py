@@ -22,13 +22,12 @@ from pathlib import Path
 from squashfu_fs.engines import rsync
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, PartialBackupError, SquashfuError, UsageError, describe
-from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, recovery
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults
 from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.util.say import say
@@ -47,19 +46,21 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
     require_root("backup")
     for tool in ("rsync", "mksquashfs", "mount", "umount"):
         require(tool)
-    layout = RootLayout(root)
-    config = config_mod.load(root)
-    source = Path(config.source)
-    if not source.is_dir():
-        raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
-    placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
-    own = own_mounts_below(source)
-    if own:  # never back up the history into itself
-        say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
-        config = dataclasses.replace(config, excludes=(*config.excludes, *own))
-    with writer_lock(layout.lock, "backup"):
-        history = history_mod.load(layout.history)
-        for line in recovery.recover(layout, history):
+
+    def refuse_source(config: Config) -> None:
+        """Before the lock: a source that is not there, or holds the root, is refused untouched."""
+        source = Path(config.source)
+        if not source.is_dir():
+            raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
+        placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
+
+    with opened_root(root, "backup", write=True, check=refuse_source) as opened:
+        layout, config, history = opened.layout, opened.config, opened.history
+        own = own_mounts_below(Path(config.source))
+        if own:  # never back up the history into itself
+            say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
+            config = dataclasses.replace(config, excludes=(*config.excludes, *own))
+        for line in opened.recovered:
             say(verbose, f"recovered: {line}")
         when = clock.now()
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None
@@ -223,7 +224,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
         partial.mkdir()
         try:
             with seed_mounted(layout, history.seed), overlay_union(
-                    layout, union_lowers(layout, [b.number for b in history.bins]),
+                    layout, union_lowers(layout, history.bins),
                     upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
                     beneath.opened_root(layout.rw) as union_fd:
                 deleted = 0

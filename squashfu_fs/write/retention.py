@@ -15,15 +15,13 @@ from pathlib import Path
 
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
-from squashfu_fs.read.rollback import records
-from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.opening import opened_root
+from squashfu_fs.store.rollbacks import records
 from squashfu_fs.util.durable import fsync_dir
 from squashfu_fs.util.say import say
 from squashfu_fs.write.layerscan import scan_layer
@@ -41,11 +39,10 @@ def resquash_now(root: Path, *, progress: bool = False, verbose: bool = False) -
     """``squashfu resquash``: merge down to ``min_bins`` bins now."""
     require_root("resquash")
     require("mksquashfs")
-    layout = RootLayout(root)
-    config = config_mod.load(root)
-    with writer_lock(layout.lock, "resquash"):
-        history = history_mod.load(layout.history)
-        recovery.recover(layout, history)
+    with opened_root(root, "resquash", write=True) as opened:
+        layout, config, history = opened.layout, opened.config, opened.history
+        for line in opened.recovered:
+            say(verbose, f"recovered: {line}")
         if history.seed is None:
             raise UsageError("nothing to resquash: the root has no backup yet")
         if not plan(history, config.min_bins):
@@ -72,7 +69,7 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                             source_device=newest.source_device, source_fsid=newest.source_fsid,
                             source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb)
     history = commit_seed(layout, history, config,
-                          merged_tree(layout, old_seed, absorb, restage=escaped, progress=progress),
+                          merged_tree(layout, old_seed, absorbed_bins, restage=escaped, progress=progress),
                           contents=contents, started=start, progress=progress, checkpoint="after-resquash-commit",
                           remaining=tuple(b for b in history.bins if b.number not in absorb))
     # A mounted view must never read another day's data: give readers a moment to load the new

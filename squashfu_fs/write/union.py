@@ -15,16 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from squashfu_fs.engines import mounts, rsync
-from squashfu_fs.store import recovery
-from squashfu_fs.store.history import History, Seed
+from squashfu_fs.store import layers, recovery
+from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import beneath
 from squashfu_fs.write import unionfix
 
 
-def union_lowers(layout: RootLayout, bins: Sequence[int]) -> list[str]:
-    """The overlay ``lowerdir`` for ``bins`` (oldest first) over the seed mount: newest first, ``ro`` last."""
-    return [layout.bin_rel(n) for n in reversed(bins)] + ["ro"]
+def union_lowers(layout: RootLayout, bins: Sequence[Bin], *, read_only: bool = False) -> list[str]:
+    """The overlay ``lowerdir`` for ``bins`` (oldest first) over the seed mounted on ``ro/``."""
+    return layers.lowerdirs(layout, reversed(bins), "ro", read_only=read_only)
 
 
 @contextmanager
@@ -50,12 +50,9 @@ def overlay_union(layout: RootLayout, lowers: list[str], *, upper: str, work: Pa
 def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
     """The committed state read-only on ``rw/`` (a dry run compares the source with it)."""
     assert history.seed is not None
-    with seed_mounted(layout, history.seed):
-        lowers = union_lowers(layout, [b.number for b in history.bins])
-        if len(lowers) < 2:  # a read-only overlay needs two lower layers
-            lowers.append(os.path.relpath(layout.empty, layout.root))
-        with mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
-            yield layout.rw
+    lowers = union_lowers(layout, history.bins, read_only=True)
+    with seed_mounted(layout, history.seed), mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
+        yield layout.rw
 
 
 def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
@@ -77,7 +74,7 @@ def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | lis
 
 
 @contextmanager
-def merged_tree(layout: RootLayout, seed: Seed, bins: Sequence[int], *, restage: bool,
+def merged_tree(layout: RootLayout, seed: Seed, bins: Sequence[Bin], *, restage: bool,
                 progress: bool) -> Iterator[Path]:
     """``seed`` and ``bins`` merged read-only on ``.merged/``: the tree a resquash squashes.
 
@@ -87,7 +84,7 @@ def merged_tree(layout: RootLayout, seed: Seed, bins: Sequence[int], *, restage:
     """
     with seed_mounted(layout, seed):
         try:
-            with mounts.overlay_mounted(layout.merged, union_lowers(layout, bins), cwd=layout.root):
+            with mounts.overlay_mounted(layout.merged, union_lowers(layout, bins, read_only=True), cwd=layout.root):
                 if restage:
                     stage_tree(layout, layout.merged, (), progress=progress, log=None)
                     yield layout.staging
