@@ -1,4 +1,4 @@
-"""One exception hierarchy; each class carries the exit status of DESIGN §6.
+"""One exception hierarchy; each class carries its exit status (docs/design.md#exit-status).
 
 The CLI prints ``str(exc)`` as a single line and exits with ``exc.exit_code``;
 nothing below the CLI calls ``sys.exit``.
