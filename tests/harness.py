@@ -52,9 +52,9 @@ def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[st
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:
     """The one line a command printed on stderr; more lines, or a traceback, fail the test."""
+    assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    assert "Traceback" not in proc.stderr
     return lines[0]
 
 

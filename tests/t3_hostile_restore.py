@@ -17,16 +17,10 @@ import pytest
 
 from squashfu_fs.engines import mounts
 
-from .harness import history, squashfu
+from .harness import history, one_line, squashfu
 
 pytestmark = pytest.mark.mounts
 
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    return lines[0]
 
 
 @pytest.fixture

@@ -23,16 +23,10 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import state_dir
 
 from .conftest import force_unmount
-from .harness import NOBODY, as_nobody, fuse_mounted, history, reachable_by_others, run_as_nobody, squashfu
+from .harness import NOBODY, as_nobody, fuse_mounted, history, one_line, reachable_by_others, run_as_nobody, squashfu
 
 pytestmark = pytest.mark.mounts
 
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    return lines[0]
 
 
 def make_source(src: Path) -> None:

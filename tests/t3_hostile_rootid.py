@@ -18,16 +18,10 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import daemon_pid
 from squashfu_fs.store import registry as readers
 
-from .harness import fuse_mounted, history, rolled_back, squashfu
+from .harness import fuse_mounted, history, one_line, rolled_back, squashfu
 
 pytestmark = pytest.mark.mounts
 
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    return lines[0]
 
 
 def four_nights(src: Path, root: Path) -> None:

@@ -18,17 +18,11 @@ import pytest
 
 from squashfu_fs.engines import mounts
 
-from .harness import NOBODY, bin_entries, history, reachable_by_others, rolled_back, run_as_nobody, squashfu
+from .harness import NOBODY, bin_entries, history, one_line, reachable_by_others, rolled_back, run_as_nobody, squashfu
 from .t3_fuse_mount import fuse_for_users  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.mounts
 
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def debris(root: Path) -> list[str]:
