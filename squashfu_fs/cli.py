@@ -191,11 +191,12 @@ def umount(mountpoint: Path) -> None:
 @needs_root
 @click.argument("view")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-def rollback(root: Path, view: str, mountpoint: Path) -> None:
+@verbose_option
+def rollback(root: Path, view: str, mountpoint: Path, verbose: bool) -> None:
     """Mount the state of VIEW read-only at MOUNTPOINT with the kernel's overlayfs."""
     from squashfu_fs.read.rollback import mount_rollback
 
-    spec = mount_rollback(root, view, Path(os.path.abspath(mountpoint)))
+    spec = mount_rollback(root, view, Path(os.path.abspath(mountpoint)), verbose=verbose)
     click.echo(f"{spec.name} mounted read-only on {mountpoint}; `squashfu umount {mountpoint}` when done")
 
 
@@ -207,24 +208,26 @@ def rollback(root: Path, view: str, mountpoint: Path) -> None:
               help="Where to copy to.")
 @click.option("--delete", is_flag=True, help="Delete files in TARGET that the backup does not have.")
 @progress_option
+@verbose_option
 def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
-            progress: bool | None) -> None:
+            progress: bool | None, verbose: bool) -> None:
     """Copy VIEW (or PATH in it) to TARGET with all metadata."""
     from squashfu_fs.read.restore import restore as do_restore
 
     do_restore(root, view, path, Path(os.path.abspath(target)), delete=delete,
-               progress=_want_progress(progress))
+               progress=_want_progress(progress), verbose=verbose)
 
 
 @main.command()
 @needs_root
 @click.argument("view_a")
 @click.argument("view_b")
-def diff(root: Path, view_a: str, view_b: str) -> None:
+@verbose_option
+def diff(root: Path, view_a: str, view_b: str, verbose: bool) -> None:
     """What changed between two days."""
     from squashfu_fs.read.restore import diff_views
 
-    diff_views(root, view_a, view_b)
+    diff_views(root, view_a, view_b, verbose=verbose)
 
 
 @main.command()

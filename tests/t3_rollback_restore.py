@@ -97,3 +97,24 @@ def test_diff_lists_what_changed_between_two_days(tree: tuple[Path, Path]) -> No
     assert any(ln.startswith(">f") and ln.endswith(" docs/a.txt") for ln in lines), lines
     assert any(ln.startswith("*deleting") and ln.endswith(" docs/b.txt") for ln in lines), lines
     assert not mounts.mounts_below(root)
+
+
+def test_every_writer_says_what_recovery_removed_with_verbose(tree: tuple[Path, Path], scratch: Path) -> None:
+    """Debris an interrupted command left is named by whichever command cleans it up, not only backup."""
+    src, root = tree
+    target = scratch / "target"
+    target.mkdir()
+    for argv in (("restore", "-v", "mon", "docs", "--to", target), ("diff", "-v", "mon", "latest")):
+        (root / "bins" / ".partial-7").mkdir()
+        proc = squashfu("-r", root, *argv)
+        assert "squashfu: recovered: uncommitted bin .partial-7" in proc.stderr, (argv, proc.stderr)
+        assert not (root / "bins" / ".partial-7").exists()
+    mp = scratch / "mp"
+    mp.mkdir()
+    (root / "bins" / ".partial-7").mkdir()
+    proc = squashfu("-r", root, "rollback", "-v", "mon", mp)
+    try:
+        assert "squashfu: recovered: uncommitted bin .partial-7" in proc.stderr
+    finally:
+        squashfu("umount", mp)
+    assert not mounts.mounts_below(root)

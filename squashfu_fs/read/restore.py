@@ -23,7 +23,7 @@ from squashfu_fs.util import beneath
 
 
 def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bool,
-            progress: bool) -> None:
+            progress: bool, verbose: bool = False) -> None:
     """Copy VIEW (or PATH inside it) to ``target`` with all metadata.
 
     The target is opened once and judged by device and inode: it may not be,
@@ -45,7 +45,7 @@ def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bo
         top, missing = _nearest_directory(target)
         fds.callback(os.close, top)
         guard.check(top, target, whole=not missing)
-        with mounted_view(root, view, "restore") as (mounted, _spec):
+        with mounted_view(root, view, "restore", verbose=verbose) as (mounted, _spec):
             view_fd = os.open(mounted, beneath.DIR_FLAGS | os.O_NOFOLLOW)
             fds.callback(os.close, view_fd)
             source, source_fd, shown = _resolve_in_view(view_fd, relative, path, view)
@@ -200,13 +200,14 @@ def _why_not(view_fd: int, parts: list[bytes], path: str | None, view: str, exc:
     return f"{path!r} in {view}: {exc.strerror}"
 
 
-def diff_views(root: Path, view_a: str, view_b: str) -> None:
+def diff_views(root: Path, view_a: str, view_b: str, *, verbose: bool = False) -> None:
     """Print what changed between two days, as rsync's itemized list."""
     require_root("diff")
     with opened_root(root, "diff", write=False) as opened:  # both names, before either is mounted
         table = ViewTable.from_history(opened.history)
         table.resolve(view_a)
         table.resolve(view_b)
-    with mounted_view(root, view_a, "diff") as (a, _), mounted_view(root, view_b, "diff") as (b, _):
+    with mounted_view(root, view_a, "diff", verbose=verbose) as (a, _), \
+            mounted_view(root, view_b, "diff") as (b, _):
         args = rsync.backup_args(b, a, (), dry_run=True)
         rsync.run(args, echo_items=True)

@@ -30,10 +30,10 @@ from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util.process import identity
 
 
-def mount_rollback(root: Path, view: str, mountpoint: Path) -> ViewSpec:
+def mount_rollback(root: Path, view: str, mountpoint: Path, *, verbose: bool = False) -> ViewSpec:
     """Mount VIEW's state read-only at ``mountpoint`` with the kernel's overlayfs."""
     require_root("rollback")
-    with opened_root(root, "rollback", write=True) as opened:
+    with opened_root(root, "rollback", write=True, verbose=verbose) as opened:
         spec = ViewTable.from_history(opened.history).resolve(view)
         mounts.check_mountpoint(opened.layout.root, mountpoint)
         _mount_view(opened.layout, opened.history, spec, mountpoint)
@@ -81,14 +81,15 @@ def unmount_rollback(mountpoint: Path) -> None:
 
 
 @contextmanager
-def mounted_view(root: Path, view: str, command: str) -> Iterator[tuple[Path, ViewSpec]]:
+def mounted_view(root: Path, view: str, command: str, *,
+                 verbose: bool = False) -> Iterator[tuple[Path, ViewSpec]]:
     """A private read-only roll-back of VIEW (inside the root) for a ``with`` block.
 
     It is set up as a writer (lock, recovery), since it writes a roll-back
     record, and used without the lock: a long restore does not hold off the
     night's backup.
     """
-    with opened_root(root, command, write=True) as opened:
+    with opened_root(root, command, write=True, verbose=verbose) as opened:
         layout = opened.layout
         layout.rollbacks.mkdir(exist_ok=True)
         target = Path(tempfile.mkdtemp(prefix="view-", dir=layout.rollbacks))

@@ -24,6 +24,7 @@ from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.util.say import say
 
 
 class OpenedRoot:
@@ -46,11 +47,12 @@ class OpenedRoot:
 
 @contextmanager
 def opened_root(root: Path, command: str, *, write: bool,
-                check: Callable[[Config], None] | None = None) -> Iterator[OpenedRoot]:
+                check: Callable[[Config], None] | None = None, verbose: bool = False) -> Iterator[OpenedRoot]:
     """Open ``root`` for ``command``; a writer holds the lock until the block ends.
 
     ``check`` is the command's own refusal of its config (a missing source),
-    made before the lock is taken and anything is touched.
+    made before the lock is taken and anything is touched. With ``verbose``, a
+    writer says each piece of debris recovery removed, whichever command it is.
     """
     layout = RootLayout(Path(os.path.realpath(root)))
     config = config_mod.load(layout.root) if write or check is not None else None
@@ -62,6 +64,8 @@ def opened_root(root: Path, command: str, *, write: bool,
     with writer_lock(layout.lock, command):
         history = _load_history(layout)
         recovered = recovery.recover(layout, history)
+        for line in recovered:
+            say(verbose, f"recovered: {line}")
         yield OpenedRoot(layout, history, config, tuple(recovered))
 
 

@@ -54,14 +54,12 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
             raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
         placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
 
-    with opened_root(root, "backup", write=True, check=refuse_source) as opened:
+    with opened_root(root, "backup", write=True, verbose=verbose, check=refuse_source) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
         own = own_mounts_below(Path(config.source))
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
-        for line in opened.recovered:
-            say(verbose, f"recovered: {line}")
         when = clock.now()
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None
         if newest is not None and when < newest:

@@ -39,10 +39,8 @@ def resquash_now(root: Path, *, progress: bool = False, verbose: bool = False) -
     """``squashfu resquash``: merge down to ``min_bins`` bins now."""
     require_root("resquash")
     require("mksquashfs")
-    with opened_root(root, "resquash", write=True) as opened:
+    with opened_root(root, "resquash", write=True, verbose=verbose) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
-        for line in opened.recovered:
-            say(verbose, f"recovered: {line}")
         if history.seed is None:
             raise UsageError("nothing to resquash: the root has no backup yet")
         if not plan(history, config.min_bins):
