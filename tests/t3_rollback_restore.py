@@ -101,7 +101,7 @@ def test_diff_lists_what_changed_between_two_days(tree: tuple[Path, Path]) -> No
 
 def test_every_writer_says_what_recovery_removed_with_verbose(tree: tuple[Path, Path], scratch: Path) -> None:
     """Debris an interrupted command left is named by whichever command cleans it up, not only backup."""
-    src, root = tree
+    _, root = tree
     target = scratch / "target"
     target.mkdir()
     for argv in (("restore", "-v", "mon", "docs", "--to", target), ("diff", "-v", "mon", "latest")):
