@@ -34,6 +34,7 @@ class Config:
     compression_level: int | None = field(default=None)
     max_bins: int = 14
     min_bins: int = 7
+    seal: bool = True  # compress each committed bin into bins/N.sfs (docs/layout.md, "Sealed bins")
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
@@ -70,6 +71,8 @@ class Config:
         if not 1 <= self.max_bins <= MAX_BINS_LIMIT:
             raise ConfigError(f"max_bins must be between 1 and {MAX_BINS_LIMIT}, not {self.max_bins} "
                               "(overlay stacks every bin in one mount)")
+        if not isinstance(self.seal, bool):
+            raise ConfigError(f"seal must be true or false, not {self.seal!r}")
         if self.min_bins < 0:
             raise ConfigError(f"min_bins must be at least 0, not {self.min_bins}")
         if self.min_bins >= self.max_bins:
@@ -94,11 +97,14 @@ class Config:
         ]
         if self.compression_level is not None:
             lines.append(f"compression_level = {self.compression_level}")
-        lines += [f"max_bins = {self.max_bins}", f"min_bins = {self.min_bins}", ""]
+        lines += [f"max_bins = {self.max_bins}", f"min_bins = {self.min_bins}"]
+        if not self.seal:
+            lines.append("seal = false")
+        lines.append("")
         return "\n".join(lines)
 
 
-_KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins"}
+_KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins", "seal"}
 
 
 def load(root: Path) -> Config:
@@ -122,6 +128,7 @@ def load(root: Path) -> Config:
             compression_level=_typed(data, "compression_level", int, path, None),
             max_bins=_typed(data, "max_bins", int, path, 14),
             min_bins=_typed(data, "min_bins", int, path, 7),
+            seal=_typed(data, "seal", bool, path, True),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -146,7 +153,7 @@ def _typed(data: dict[str, Any], key: str, kind: type, path: Path, default: Any 
     return value
 
 
-_KIND_NAMES = {str: "string", int: "integer", list: "list of strings"}
+_KIND_NAMES = {str: "string", int: "integer", list: "list of strings", bool: "boolean (true or false)"}
 
 
 def _integer(key: str, value: object) -> None:

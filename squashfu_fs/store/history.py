@@ -17,7 +17,8 @@ from squashfu_fs.errors import CorruptRootError
 from squashfu_fs.util.durable import atomic_write
 
 FORMAT_VERSION = 1
-BIN_FORMAT = "overlay"
+BIN_FORMAT = "overlay"  # the directory bins/N, as overlayfs wrote it
+SEALED_FORMAT = "sealed"  # bins/N.sfs, the same layer compressed into a SquashFS image
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Seed:
     source_device: int | None = None  # st_dev of the source's top directory
     source_fsid: int | None = None  # statfs f_fsid of its filesystem
     source_entries: int | None = None  # entries below the top directory
+    digest: str | None = None  # "sha256:HEX" of the image, taken as it was written (None before digests)
 
     @property
     def when(self) -> datetime:
@@ -46,7 +48,7 @@ class Seed:
 
 @dataclass(frozen=True)
 class Bin:
-    """One committed incremental: an overlayfs upper layer under ``bins/N``."""
+    """One committed incremental: an overlayfs upper layer, ``bins/N`` or sealed as ``bins/N.sfs``."""
 
     number: int
     time: str
@@ -60,6 +62,11 @@ class Bin:
     source_device: int | None = None  # the source as this backup saw it; see Seed
     source_fsid: int | None = None
     source_entries: int | None = None
+    # A sealed bin: its image's size and "sha256:HEX"; an overlay bin: the digest of its per-file
+    # digest list bins/N.sha256 (docs/layout.md, "Digests"). None in bins written before digests.
+    image_bytes: int | None = None
+    digest: str | None = None
+    acls: bool | None = None  # holds POSIX ACLs, so it stays a directory (None: not known yet)
 
     @property
     def when(self) -> datetime:
@@ -86,6 +93,11 @@ class History:
             if b.number == number:
                 return b
         raise KeyError(number)
+
+    def with_bin_replaced(self, new: Bin) -> History:
+        """The history after bin ``new.number`` changed form (sealed); the days it serves are the same."""
+        return replace(self, bins=tuple(new if b.number == new.number else b for b in self.bins),
+                       generation=self.generation + 1)
 
     def with_bin(self, new: Bin) -> History:
         """The history after committing ``new`` on top."""

@@ -92,6 +92,23 @@ class RootLayout:
         """Bin N's opaque directories, for readers that cannot see trusted xattrs (none: no file)."""
         return self.bins / f"{number}.opaque"
 
+    def sealed_bin(self, number: int) -> Path:
+        """Bin N compressed into a SquashFS image (docs/layout.md, "Sealed bins")."""
+        return self.bins / f"{number}.sfs"
+
+    def temp_sealed_bin(self, number: int) -> Path:
+        """The name a sealed image is written under until history names it."""
+        return self.bins / f"{number}.sfs.tmp"
+
+    def digest_list(self, number: int) -> Path:
+        """An unsealed bin's per-file SHA-256 list, written at commit (docs/layout.md, "Digests")."""
+        return self.bins / f"{number}.sha256"
+
+    @property
+    def layer_mounts(self) -> Path:
+        """Where a backup or resquash loop-mounts the sealed bins it stacks, one directory each."""
+        return self.root / ".layers"
+
     def partial_bin(self, number: int) -> Path:
         """The temporary name a bin is written under until it is committed."""
         return self.bins / f".partial-{number}"
@@ -112,4 +129,4 @@ class RootLayout:
 
     def skeleton(self) -> list[Path]:
         """The directories ``init`` creates."""
-        return [self.bins, self.ro, self.rw, self.merged, self.work, self.empty, self.logs]
+        return [self.bins, self.ro, self.rw, self.merged, self.work, self.empty, self.logs, self.layer_mounts]

@@ -29,18 +29,27 @@ def recover(layout: RootLayout, history: History) -> list[str]:
     """Bring the root back to exactly its committed state; returns what was removed."""
     _check_committed(layout, history)
     removed: list[str] = []
-    for point in (layout.rw, layout.merged, layout.ro):
-        for mounted in mounts.mounts_below(point):
+    for point in (layout.rw, layout.merged, layout.layer_mounts, layout.ro):  # uppermost first
+        for mounted in reversed(mounts.mounts_below(point)):
             mounts.unmount(os.fsdecode(mounted))
             removed.append(f"stale mount {os.fsdecode(mounted)}")
-    committed = {name for b in history.bins for name in layers.bin_names(layout, b.number)}
+    committed = {path.name for b in history.bins for path in layers.bin_files(layout, b)}
+    numbers = {b.number for b in history.bins}
     names = [entry.name for entry in os.scandir(layout.bins)] if layout.bins.is_dir() else []
     # Bins a resquash absorbed (numbers history handed out) that a live view may still read.
-    absorbed = {int(n) for n in names if n.isdigit() and n not in committed and int(n) < history.next_bin}
-    read_bins, read_seeds = readers.in_use(layout.root, history.generation, absorbed)
-    kept = {name for n in read_bins for name in layers.bin_names(layout, n)}
+    absorbed = {int(n) for n in (name.removesuffix(".sfs") for name in names)
+                if n.isdigit() and int(n) not in numbers and int(n) < history.next_bin}
+    # Bins committed sealed whose directory is still here: a live view may read that directory.
+    outlived = {int(n) for n in names if n.isdigit() and int(n) in numbers and n not in committed}
+    read_bins, read_seeds = readers.in_use(layout.root, history.generation, absorbed | outlived)
+    kept = {name for n in read_bins - outlived for name in layers.bin_names(layout, n)}
     for name in names:
         if name in committed or name in kept:
+            continue
+        if name.isdigit() and int(name) in outlived:
+            if int(name) not in read_bins:
+                remove(layout.bins / name)
+                removed.append(f"bin {name}'s directory, committed as {name}.sfs")
             continue
         if name.isdigit():
             remove_bin(layout, int(name))
@@ -87,7 +96,7 @@ def _stale_rollbacks(layout: RootLayout) -> list[str]:
 
 
 def remove_bin(layout: RootLayout, number: int) -> None:
-    """Delete bin ``number`` and its opaque record; renamed away first, then emptied.
+    """Delete bin ``number`` in any form (directory, image) and its records; a directory is renamed away first.
 
     A daemon checks after each lookup in an old view that its bins are still
     in place (ESTALE otherwise); the rename makes the bin vanish whole before
@@ -103,7 +112,8 @@ def remove_bin(layout: RootLayout, number: int) -> None:
         pass
     else:
         remove(gone)
-    layout.opaque_record(number).unlink(missing_ok=True)
+    for record in (layout.sealed_bin(number), layout.opaque_record(number), layout.digest_list(number)):
+        record.unlink(missing_ok=True)
 
 
 def remove(path: Path) -> None:

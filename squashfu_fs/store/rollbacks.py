@@ -50,6 +50,11 @@ class RollbackRecord:
     def seed_mount(self) -> Path:
         return self.directory / "seed"
 
+    @property
+    def layer_mounts(self) -> Path:
+        """Where this roll-back's sealed bins are mounted, one directory each."""
+        return self.directory / "layers"
+
     def overlay(self) -> mounts.MountEntry | None:
         """The overlay this record made, if still mounted: its device, confirmed by its seed layer."""
         seed = os.fsencode(self.seed_layer or os.fspath(self.seed_mount))
@@ -129,11 +134,13 @@ def record_of(entry: mounts.MountEntry) -> RollbackRecord | None:
 
 
 def drop_record(record: RollbackRecord) -> None:
-    """Take down a roll-back's private seed mount (and a restore's or diff's view too) and forget it."""
+    """Take down a roll-back's private seed and image mounts (and a restore's or diff's view too) and forget it."""
     if record.owner:
         entry = record.overlay()
         if entry is not None:
             mounts.unmount(os.fsdecode(entry.mount_point))
+    for point in reversed(mounts.mounts_below(record.layer_mounts)):
+        mounts.unmount(os.fsdecode(point))
     for point in record.seed_mounts():
         mounts.unmount(os.fsdecode(point))
     shutil.rmtree(record.directory, ignore_errors=True)
