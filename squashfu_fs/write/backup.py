@@ -35,9 +35,10 @@ from squashfu_fs.write import changes, unionfix
 from squashfu_fs.write.excludes import Excludes
 from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_layer
 from squashfu_fs.write.retention import resquash
+from squashfu_fs.write.seal import list_digests, seal_all
 from squashfu_fs.write.seed import SeedContents, commit_seed
 from squashfu_fs.write.source import check_source, own_mounts_below, source_opened, walk_source
-from squashfu_fs.write.union import committed_view, overlay_union, seed_mounted, stage_tree, union_lowers
+from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, stage_tree
 
 
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
@@ -75,20 +76,27 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
         else:
             history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file,
                                              allow_source_change)
-        retention_failed = ""
+        afterwards_failed = ""
         if len(history.bins) > config.max_bins:
             try:
-                resquash(layout, history, config, keep=config.min_bins, progress=progress, verbose=verbose)
+                history = resquash(layout, history, config, keep=config.min_bins, progress=progress,
+                                   verbose=verbose)
             except InUseError as exc:  # the backup itself is committed: say why retention waits
                 say(True, f"backup committed; retention postponed: {exc}")
             except (SquashfuError, OSError) as exc:  # committed all the same: exit 3, not 1 (docs/commands.md)
-                retention_failed = f"retention failed: {describe(exc)}; the next backup retries it"
-    if retention_failed:
+                afterwards_failed = f"retention failed: {describe(exc)}; the next backup retries it"
+        if config.seal and not first:  # after retention: a bin it absorbs need not be sealed first
+            try:
+                history = seal_all(layout, history, config, verbose=verbose)
+            except (SquashfuError, OSError) as exc:  # the bin is committed unsealed; the next backup seals it
+                afterwards_failed = "; ".join(filter(None, (
+                    afterwards_failed, f"sealing failed: {describe(exc)}; the next backup retries it")))
+    if afterwards_failed:
         try:
             _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
         except PartialBackupError as exc:
-            raise PartialBackupError(f"{exc}; {retention_failed}") from None
-        raise PartialBackupError(f"backup committed; {retention_failed}")
+            raise PartialBackupError(f"{exc}; {afterwards_failed}") from None
+        raise PartialBackupError(f"backup committed; {afterwards_failed}")
     _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
     _tidy_logs(layout, log_file)
 
@@ -221,9 +229,8 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
             ": comparing the whole tree"))
         partial.mkdir()
         try:
-            with seed_mounted(layout, history.seed), overlay_union(
-                    layout, union_lowers(layout, history.bins),
-                    upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
+            with layers_mounted(layout, history.seed, history.bins) as lowers, overlay_union(
+                    layout, lowers, upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
                     beneath.opened_root(layout.rw) as union_fd:
                 deleted = 0
                 if plan is None:
@@ -241,6 +248,8 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     faults.checkpoint("after-rsync")
     scan = scan_layer(partial, source=Path(config.source))
     record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
+    kept_open = not config.seal or bool(scan.acl_paths)  # stays a directory: list its files' digests
+    listed = list_digests(layout, partial, number) if kept_open else None
     syncfs(partial)
     os.rename(partial, layout.bin(number))
     fsync_dir(layout.bins)
@@ -250,7 +259,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
               duration=round(time.monotonic() - start, 3), bytes=scan.size, files=scan.files,
               rsync_status=result.status, escaped_xattrs=scan.escaped_xattrs,
               compare="full" if plan is None else "manifest", source_device=walked.device,
-              source_fsid=walked.fsid, source_entries=walked.count)
+              source_fsid=walked.fsid, source_entries=walked.count, digest=listed, acls=bool(scan.acl_paths))
     history = history.with_bin(new)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")

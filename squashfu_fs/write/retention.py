@@ -15,7 +15,7 @@ from pathlib import Path
 
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
-from squashfu_fs.store import recovery
+from squashfu_fs.store import layers, recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
@@ -61,7 +61,8 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     say(verbose, f"resquashing bins {absorb[0]}..{absorb[-1]} into a new seed")
     absorbed_bins = [history.bin(n) for n in absorb]
     escaped = old_seed.escaped_xattrs or any(b.escaped_xattrs for b in absorbed_bins)
-    acl_paths = sorted({p for n in absorb for p in scan_layer(layout.bin(n), source=Path(config.source)).acl_paths})
+    acl_paths = sorted({p for b in absorbed_bins if not layers.sealed(b)  # a sealed bin holds no ACL
+                        for p in scan_layer(layout.bin(b.number), source=Path(config.source)).acl_paths})
     newest = absorbed_bins[-1]
     contents = SeedContents(time=newest.time, rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
                             source_device=newest.source_device, source_fsid=newest.source_fsid,

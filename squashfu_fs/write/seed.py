@@ -22,7 +22,7 @@ from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.util import clock, faults
+from squashfu_fs.util import clock, digest, faults
 from squashfu_fs.util.durable import fsync_dir
 
 
@@ -54,6 +54,7 @@ def commit_seed(layout: RootLayout, history: History, config: Config, tree: Abst
     with tree as top:
         squash.make_image(top, tmp, config, progress=progress)
         squash.check_image(tmp, top, layout.rw)
+    image_digest = digest.of_file(tmp)
     name = RootLayout.seed_name(generation)
     image = layout.seed(name)
     os.replace(tmp, image)
@@ -61,7 +62,7 @@ def commit_seed(layout: RootLayout, history: History, config: Config, tree: Abst
     faults.checkpoint("seed-written")
     seed = Seed(file=name, generation=generation, created=clock.now().isoformat(timespec="seconds"),
                 duration=round(time.monotonic() - started, 3), bytes=image.stat().st_size,
-                files=squash.inode_count(image) - 1, **dataclasses.asdict(contents))
+                files=squash.inode_count(image) - 1, digest=image_digest, **dataclasses.asdict(contents))
     history = history.with_seed(seed, remaining)
     history_mod.save(layout.history, history)
     faults.checkpoint(checkpoint)

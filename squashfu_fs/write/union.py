@@ -22,16 +22,22 @@ from squashfu_fs.util import beneath
 from squashfu_fs.write import unionfix
 
 
-def union_lowers(layout: RootLayout, bins: Sequence[Bin], *, read_only: bool = False) -> list[str]:
-    """The overlay ``lowerdir`` for ``bins`` (oldest first) over the seed mounted on ``ro/``."""
-    return layers.lowerdirs(layout, reversed(bins), "ro", read_only=read_only)
-
-
 @contextmanager
 def seed_mounted(layout: RootLayout, seed: Seed) -> Iterator[Path]:
     """The seed image loop-mounted read-only on ``ro/`` for the length of a block."""
     with mounts.squashfs_mounted(layout.seed(seed.file), layout.ro):
         yield layout.ro
+
+
+@contextmanager
+def layers_mounted(layout: RootLayout, seed: Seed, bins: Sequence[Bin], *,
+                   read_only: bool = False) -> Iterator[list[str]]:
+    """The seed on ``ro/`` and the sealed ones of ``bins`` (oldest first) on ``.layers/N``, for a block.
+
+    Yields the overlay ``lowerdir`` list, newest layer first.
+    """
+    with seed_mounted(layout, seed), layers.images_mounted(layout, bins) as images:
+        yield layers.lowerdirs(layout, reversed(bins), "ro", read_only=read_only, images=images)
 
 
 @contextmanager
@@ -50,8 +56,8 @@ def overlay_union(layout: RootLayout, lowers: list[str], *, upper: str, work: Pa
 def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
     """The committed state read-only on ``rw/`` (a dry run compares the source with it)."""
     assert history.seed is not None
-    lowers = union_lowers(layout, history.bins, read_only=True)
-    with seed_mounted(layout, history.seed), mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
+    with layers_mounted(layout, history.seed, history.bins, read_only=True) as lowers, \
+            mounts.overlay_mounted(layout.rw, lowers, cwd=layout.root):
         yield layout.rw
 
 
@@ -82,9 +88,9 @@ def merged_tree(layout: RootLayout, seed: Seed, bins: Sequence[Bin], *, restage:
     merge is copied through a staging upper layer first (as the first seed
     was made), which re-escapes them, and that copy is the tree.
     """
-    with seed_mounted(layout, seed):
+    with layers_mounted(layout, seed, bins, read_only=True) as lowers:
         try:
-            with mounts.overlay_mounted(layout.merged, union_lowers(layout, bins, read_only=True), cwd=layout.root):
+            with mounts.overlay_mounted(layout.merged, lowers, cwd=layout.root):
                 if restage:
                     stage_tree(layout, layout.merged, (), progress=progress, log=None)
                     yield layout.staging
