@@ -77,7 +77,7 @@ def _write_pid(state: Path, mountpoint: Path) -> None:
 
 
 class SeedMounts:
-    """The seed images this daemon reads: loop-mounted (root) or squashfuse, privately."""
+    """The images this daemon reads (seeds and sealed bins), each mounted once, privately: loop (root) or squashfuse."""
 
     def __init__(self, layout: RootLayout, directory: Path) -> None:
         self.layout = layout
@@ -85,9 +85,9 @@ class SeedMounts:
         self.loop = os.geteuid() == 0
 
     def acquire(self, file_name: str) -> bytes:
-        target = self.directory / file_name
+        target = self.directory / file_name.replace("/", "-")
         target.mkdir(parents=True, exist_ok=True)
-        image = self.layout.seed(file_name)
+        image = self.layout.root / file_name
         if not mounts.is_mounted(target):
             if self.loop:
                 mounts.mount_squashfs(image, target)
@@ -98,7 +98,7 @@ class SeedMounts:
         return os.fsencode(target)
 
     def release(self, file_name: str) -> None:
-        target = self.directory / file_name
+        target = self.directory / file_name.replace("/", "-")
         try:
             mounts.unmount(target)
             target.rmdir()

@@ -55,7 +55,9 @@ def _mount_view(layout: RootLayout, history: History, spec: ViewSpec, target: Pa
     record.save()  # before mounting: a crash mid-mount leaves a record recovery can find
     try:
         mounts.mount_squashfs(layout.seed(history.seed.file), record.seed_mount)
-        lowers = layers.lowerdirs(layout, [history.bin(n) for n in spec.bins], record.seed_layer, read_only=True)
+        bins = [history.bin(n) for n in spec.bins]
+        images = layers.mount_images(layout, bins, record.layer_mounts)
+        lowers = layers.lowerdirs(layout, bins, record.seed_layer, read_only=True, images=images)
         mounts.mount_overlay(target, lowers, cwd=layout.root,
                              executable=not private)  # a user's roll-back may run programs
         seed_entry, entry = mounts.find_mount(record.seed_mount), mounts.find_mount(target)

@@ -10,9 +10,10 @@ holds a lookup count on it, so a ``find`` over every view stays bounded.
 :mod:`squashfu_fs.read.fuse_ops` translates this to FUSE.
 
 Requests never block on the history: a housekeeping tick reloads it in two
-steps, :meth:`Vfs.prepare_reload` (read history.json, mount the new seed; in a
-worker thread) and :meth:`Vfs.install` (swap the in-memory tree), and takes
-down seeds nobody reads any more. A view that outlived its history (the
+steps, :meth:`Vfs.prepare_reload` (read history.json, mount the new seed and
+sealed bins; in a worker thread) and :meth:`Vfs.install` (swap the in-memory
+tree), and takes down images nobody reads any more. Each image is mounted once
+and shared by every view that stacks it. A view that outlived its history (the
 kernel still holds a directory in it) keeps its bins and seed: the daemon
 publishes them (:meth:`Vfs.usage`) and writers leave them in place; if they
 vanished anyway, the view answers ESTALE rather than read a lower layer.
@@ -75,7 +76,7 @@ class Stat:
 
 
 class SeedProvider(Protocol):
-    """Makes a seed image readable as a directory, and takes it down when unused."""
+    """Makes an image (a seed, or a sealed bin ``bins/N.sfs``; names relative to the root) readable as a directory."""
 
     def acquire(self, file_name: str) -> bytes: ...
     def release(self, file_name: str) -> None: ...
@@ -84,17 +85,20 @@ class SeedProvider(Protocol):
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("bin_ids", "built", "id", "key", "layers", "live", "marks", "name", "retired", "root_entry",
-                 "root_ino", "seed_file", "spec")
+    __slots__ = ("bin_ids", "built", "dir_bins", "id", "images", "key", "layers", "live", "marks", "name",
+                 "retired", "root_entry", "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
-                 layers: list[Layer], seed_file: str) -> None:
+                 layers: list[Layer], seed_file: str, images: tuple[str, ...] = (),
+                 dir_bins: tuple[int, ...] | None = None) -> None:
         self.id = view_id
         self.name = name
         self.spec = spec
         self.key = key
         self.layers = layers
         self.seed_file = seed_file
+        self.images = images or (seed_file,)  # every image it stacks, the seed included
+        self.dir_bins = spec.bins if dir_bins is None else dir_bins  # bins it reads as directories
         self.root_ino = view_id << VIEW_SHIFT
         self.root_entry: Entry | None = None
         self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
@@ -194,6 +198,7 @@ class Vfs:
         self._idle_seeds: set[str] = set()  # no view reads them: housekeeping unmounts them
         self._to_drop: list[int] = []  # nodes of retired views whose kernel entries are still to invalidate
         self._current_seed: str | None = None
+        self._current_images: tuple[str, ...] = ()  # the images the installed history names
         self._history_key: tuple[int, ...] | None = None
         self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2)
         self.nodes[ROOT_INO] = Node(ROOT_INO, None, Entry(self.root_st, ()))
@@ -220,9 +225,10 @@ class Vfs:
             return None
         new = history_mod.load(self.layout.history)
         layer_kinds.check_known(new.bins)  # refused here, the tree keeps serving the history it had
-        if new.seed is not None and new.seed.file not in self._seed_dirs:
-            self._seed_dirs[new.seed.file] = self.seeds.acquire(new.seed.file)
-            self._idle_seeds.add(new.seed.file)  # until installed: let go of it if it never is
+        for name in _images_of(self.layout, new):
+            if name not in self._seed_dirs:
+                self._seed_dirs[name] = self.seeds.acquire(name)
+                self._idle_seeds.add(name)  # until installed: let go of it if it never is
         return Reload(key, new, st.st_mtime_ns)
 
     def install(self, reload: Reload) -> RootChange | None:
@@ -239,7 +245,7 @@ class Vfs:
 
     def usage(self) -> Usage:
         """The history served and every bin and seed a live view (current or retired) reads."""
-        bins = frozenset(n for view in self.by_id.values() for n in view.spec.bins)
+        bins = frozenset(n for view in self.by_id.values() for n in view.dir_bins)
         return Usage(self.loaded, bins, frozenset(self._seed_dirs))
 
     def take_idle_seeds(self) -> list[str]:
@@ -260,10 +266,13 @@ class Vfs:
         old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
         old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
         if new.seed is not None and new.seed.file != self._current_seed:
-            self._seed_ref(new.seed.file, +1)  # mounted by prepare_reload: do this before letting go
-            if self._current_seed is not None:
-                self._seed_ref(self._current_seed, -1)
             self._current_seed = new.seed.file
+        images = _images_of(self.layout, new)
+        for name in images:
+            self._seed_ref(name, +1)  # mounted by prepare_reload: do this before letting go
+        for name in self._current_images:
+            self._seed_ref(name, -1)
+        self._current_images = images
         self.history = new
         self.table = ViewTable.from_history(new)
         fresh: dict[tuple[object, ...], View] = {}
@@ -314,17 +323,23 @@ class Vfs:
 
     def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View]) -> View:
         assert self._current_seed is not None
-        key: tuple[object, ...] = (name == SEED, spec.bins, self._current_seed)
+        bins = [self.history.bin(n) for n in spec.bins]
+        images = {b.number: os.fspath(path.relative_to(self.layout.root))
+                  for b in bins if (path := layer_kinds.image(self.layout, b)) is not None}
+        # A bin sealed since is another view: the old one keeps reading the directory until it retires.
+        key: tuple[object, ...] = (name == SEED, spec.bins, self._current_seed, tuple(sorted(images)))
         view = self.views.get(key) or fresh.get(key)
         if view is None:
             if self._next_view >= _VIEW_LIMIT:
                 raise SquashfuError("this mount has created too many views; remount it")
-            layers = layer_kinds.stack(self.layout, [self.history.bin(n) for n in spec.bins],
-                                       self._seed_dirs[self._current_seed])
-            view = View(self._next_view, name, spec, key, layers, self._current_seed)
+            layers = layer_kinds.stack(self.layout, bins, self._seed_dirs[self._current_seed],
+                                       {n: self._seed_dirs[image] for n, image in images.items()})
+            view = View(self._next_view, name, spec, key, layers, self._current_seed,
+                        (self._current_seed, *images.values()), tuple(n for n in spec.bins if n not in images))
             self._next_view += 1
             self.by_id[view.id] = view
-            self._seed_ref(self._current_seed, +1)
+            for image in view.images:
+                self._seed_ref(image, +1)
         view.name = name
         fresh[key] = view
         return view
@@ -359,7 +374,8 @@ class Vfs:
     def _maybe_drop(self, view: View) -> None:
         if view.retired and view.live <= 0 and view.id in self.by_id:
             del self.by_id[view.id]
-            self._seed_ref(view.seed_file, -1)
+            for image in view.images:
+                self._seed_ref(image, -1)
 
     def close(self) -> None:
         """Let go of every seed (at unmount)."""
@@ -436,17 +452,17 @@ class Vfs:
         entry = self._root_entry(view)
         entry.branches = layerstack.root_branches(view.layers)
         view.marks = layerstack.opaque_marks(
-            (os.fsencode(self.layout.bin(n)), layerstack.read_opaque_record(self.layout.opaque_record(n)))
-            for n in view.spec.bins)
+            (layer.directory(), layerstack.read_opaque_record(self.layout.opaque_record(n)))
+            for n, layer in zip(view.spec.bins, view.layers, strict=False))
         view.built = True
         self.counters.stacks_built += 1
 
     def _bin_ids(self, view: View) -> tuple[tuple[int, int], ...]:
         """Where a view's bins are now; ESTALE if one is gone (it must not read a lower layer instead)."""
         ids = []
-        for number in view.spec.bins:
+        for number, layer in zip(view.spec.bins, view.layers, strict=False):
             try:
-                st = os.stat(self.layout.bin(number))
+                st = os.stat(layer.directory())
             except FileNotFoundError:
                 raise OSError(errno.ESTALE, f"bin {number} of {view.name} is gone") from None
             ids.append((st.st_dev, st.st_ino))
@@ -555,3 +571,9 @@ class Vfs:
     def statfs_path(self) -> bytes:
         return os.fsencode(self.layout.root)
 
+
+def _images_of(layout: RootLayout, history: History) -> tuple[str, ...]:
+    """Every image a history names, relative to the root: its seed, then its sealed bins."""
+    seeds = (history.seed.file,) if history.seed is not None else ()
+    return seeds + tuple(os.fspath(path.relative_to(layout.root)) for b in history.bins
+                         if (path := layer_kinds.image(layout, b)) is not None)
