@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,11 +81,48 @@ def rollback_snapshot(root: Path, view: str, mountpoint: Path) -> Any:
 
 
 def bin_entries(root: Path, number: int) -> list[bytes]:
-    top = os.fsencode(root / "bins" / str(number))
-    out = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        out += [os.path.relpath(os.path.join(dirpath, n), top) for n in dirnames + filenames]
-    return out
+    """Every path in bin ``number``, relative to it, whether it is a directory or sealed into an image."""
+    with bin_opened(root, number) as top:
+        top_b = os.fsencode(top)
+        out = []
+        for dirpath, dirnames, filenames in os.walk(top_b):
+            out += [os.path.relpath(os.path.join(dirpath, n), top_b) for n in dirnames + filenames]
+        return out
+
+
+@contextmanager
+def bin_opened(root: Path, number: int) -> Iterator[Path]:
+    """Bin ``number`` as a directory for a block: ``bins/N`` itself, or its sealed image mounted read-only."""
+    image = root / "bins" / f"{number}.sfs"
+    if not image.exists():
+        yield root / "bins" / str(number)
+        return
+    where = Path(tempfile.mkdtemp(prefix=f"bin{number}-", dir=root.parent))
+    subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", image, where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
+        where.rmdir()
+
+
+def sealed(root: Path) -> bool:
+    """Whether every committed bin of ``root`` is sealed into an image, and no bin directory is left."""
+    h = history(root)
+    return all(b["format"] == "sealed" and (root / "bins" / f"{b['number']}.sfs").is_file()
+               and not (root / "bins" / str(b["number"])).exists() for b in h["bins"])
+
+
+def keep_bins_unsealed(root: Path) -> None:
+    """``seal = false`` in the root's config: bins stay directories (docs/layout.md, "Sealed bins")."""
+    config = root / "squashfu.toml"
+    config.write_text(config.read_text() + "seal = false\n")
+
+
+def committed_bins(root: Path) -> list[int]:
+    """The bin numbers that have a layer on disk (a directory or an image), sorted."""
+    return sorted({int(p.name.removesuffix(".sfs")) for p in (root / "bins").iterdir()
+                   if p.name.removesuffix(".sfs").isdigit()})
 
 
 @contextmanager

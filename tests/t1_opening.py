@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from squashfu_fs.errors import ConfigError, CorruptRootError, LockedError, UsageError
+from squashfu_fs.errors import ConfigError, CorruptRootError, LockedError, SquashfuError, UsageError
 from squashfu_fs.overlay import DirLayer
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import layers, recovery
@@ -114,22 +114,35 @@ def test_layer_kinds_say_what_the_kernel_and_the_daemon_stack(tmp_path: Path) ->
     stack = layers.stack(layout, [b2, b1], b"/x/seed")
     assert [layer.directory() for layer in stack] == [os.fsencode(layout.bin(2)), os.fsencode(layout.bin(1)),
                                                       b"/x/seed"]
-    assert isinstance(layers.layer(layout, b1), DirLayer)
-    assert layers.bin_names(layout, 7) == ("7", "7.opaque")
+    assert isinstance(layers.layer(layout, b1, {}), DirLayer)
+    assert set(layers.bin_names(layout, 7)) == {"7", "7.opaque", "7.sha256", "7.sfs"}
+    assert layers.bin_files(layout, b1) == (layout.bin(1), layout.opaque_record(1), layout.digest_list(1))
+
+
+def test_a_sealed_bin_is_stacked_where_its_image_is_mounted(tmp_path: Path) -> None:
+    layout = RootLayout(tmp_path)
+    b1, b2 = Bin(1, T, 0.0, 0, 0, 0), Bin(2, T, 0.0, 0, 0, 0, format="sealed")
+    assert layers.image(layout, b2) == layout.sealed_bin(2) and layers.image(layout, b1) is None
+    assert layers.lowerdirs(layout, [b2, b1], "ro", images={2: ".layers/2"}) == [".layers/2", "bins/1", "ro"]
+    with pytest.raises(SquashfuError, match="bin 2 is sealed and its image is not mounted"):
+        layers.lowerdirs(layout, [b2, b1], "ro")
+    stack = layers.stack(layout, [b2, b1], b"/x/seed", {2: b"/run/x/bins-2.sfs"})
+    assert [layer.directory() for layer in stack] == [b"/run/x/bins-2.sfs", os.fsencode(layout.bin(1)), b"/x/seed"]
+    assert layers.bin_files(layout, b2) == (layout.sealed_bin(2), layout.opaque_record(2))
 
 
 def test_an_unknown_kind_of_bin_is_refused_not_guessed(tmp_path: Path) -> None:
     """A bin of a format this squashfu does not know (a newer one's) is neither read nor recovered."""
-    sealed = Bin(2, T, 0.0, 0, 0, 0, format="sealed")
-    layout = hand_made_root(tmp_path, (Bin(1, T, 0.0, 0, 0, 0), sealed))
+    strange = Bin(2, T, 0.0, 0, 0, 0, format="chunked")
+    layout = hand_made_root(tmp_path, (Bin(1, T, 0.0, 0, 0, 0), strange))
     history = history_mod.load(layout.history)
-    with pytest.raises(CorruptRootError, match="'sealed'"):
+    with pytest.raises(CorruptRootError, match="'chunked'"):
         recovery.recover(layout, history)
-    with pytest.raises(CorruptRootError, match="'sealed'"):
-        layers.lowerdirs(layout, [sealed], "ro")
-    with pytest.raises(CorruptRootError, match="'sealed'"):
-        layers.layer(layout, sealed)
-    with pytest.raises(CorruptRootError, match="'sealed'"):
+    with pytest.raises(CorruptRootError, match="'chunked'"):
+        layers.lowerdirs(layout, [strange], "ro")
+    with pytest.raises(CorruptRootError, match="'chunked'"):
+        layers.layer(layout, strange, {})
+    with pytest.raises(CorruptRootError, match="'chunked'"):
         layers.check_known(history.bins)
 
 

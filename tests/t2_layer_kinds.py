@@ -24,9 +24,9 @@ def test_a_history_with_an_unknown_kind_of_bin_is_not_installed(tmp_path: Path) 
     names = [name for name, _, _ in listdir(ops, ROOT_INO)]
     (w.add_bin(2) / "night2.txt").write_text("night 2\n")
     good = w.history.with_bin(Bin(2, at(2), 1.0, 0, 0, 0))
-    w.history = w.history.with_bin(Bin(2, at(2), 1.0, 0, 0, 0, format="sealed"))
+    w.history = w.history.with_bin(Bin(2, at(2), 1.0, 0, 0, 0, format="chunked"))
     w.save()
-    with pytest.raises(CorruptRootError, match="'sealed'"):
+    with pytest.raises(CorruptRootError, match="'chunked'"):
         vfs.refresh()
     assert vfs.history == served, "a history with a bin of an unknown kind was installed"
     assert [name for name, _, _ in listdir(ops, ROOT_INO)] == names

@@ -23,7 +23,17 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import state_dir
 
 from .conftest import force_unmount
-from .harness import NOBODY, as_nobody, fuse_mounted, history, one_line, reachable_by_others, run_as_nobody, squashfu
+from .harness import (
+    NOBODY,
+    as_nobody,
+    bin_entries,
+    fuse_mounted,
+    history,
+    one_line,
+    reachable_by_others,
+    run_as_nobody,
+    squashfu,
+)
 
 pytestmark = pytest.mark.mounts
 
@@ -51,7 +61,7 @@ def two_backups(scratch: Path) -> tuple[Path, Path]:
     (src / "zero-zero").unlink()  # a clean night: the manifest is written
     (src / "pub.txt").write_text("changed, still world-readable\n")
     squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    assert (root / "bins" / "1" / "pub.txt").is_file() and (root / ".manifest").is_file()
+    assert b"pub.txt" in bin_entries(root, 1) and (root / ".manifest").is_file()
     return src, root
 
 
@@ -66,7 +76,7 @@ def what_others_could_read(root: Path) -> dict[str, subprocess.CompletedProcess[
         ".manifest": ["cat", root / ".manifest"],
         ".lock": ["cat", root / ".lock"],
         "log": ["cat", logs[-1]],
-        "bins/1/pub.txt": ["cat", root / "bins" / "1" / "pub.txt"],
+        "unsquashfs bins/1.sfs": ["unsquashfs", "-l", "-d", "/nonexistent", root / "bins" / "1.sfs"],
         "ls bins": ["ls", root / "bins"],
     }
     return {what: run_as_nobody(argv, text=False) for what, argv in attempts.items()}
@@ -101,7 +111,8 @@ def test_an_old_world_readable_root_is_tightened_by_the_next_backup(scratch: Pat
     src, root = two_backups(scratch)
     # As the old code left it: 0755 directories, 0644 files.
     os.chmod(root, 0o755)
-    for path in [*root.iterdir(), *(root / "logs").iterdir(), *(root / "bins").glob("*.opaque")]:
+    for path in [*root.iterdir(), *(root / "logs").iterdir(), *(root / "bins").glob("*.opaque"),
+                 *(root / "bins").glob("*.sfs")]:
         if not path.is_symlink():
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
     with reachable_by_others(root.parent):
@@ -222,11 +233,14 @@ printf '%s %s\\n' "$target" "$(findmnt -n -o VFS-OPTIONS --mountpoint "$target" 
     for target, options in logged:
         rel = os.path.relpath(target, scratch)
         kind = ("ro" if rel == "root/ro" else "rw" if rel == "root/rw" else "merged" if rel == "root/.merged"
+                else "layer" if rel.startswith("root/.layers/")
                 else "rollback seed" if rel.startswith("root/.rollbacks/") and rel.endswith("/seed")
+                else "rollback layer" if rel.startswith("root/.rollbacks/") and "/layers/" in rel
                 else "restore view" if rel.startswith("root/.rollbacks/view-") else "rollback" if rel == "rb"
                 else "daemon seed" if target.startswith(os.fsdecode(daemon_seeds)) else rel)
         by_kind.setdefault(kind, []).append(options)
-    assert set(by_kind) == {"ro", "rw", "merged", "rollback seed", "restore view", "rollback", "daemon seed"}, \
+    assert set(by_kind) == {"ro", "rw", "merged", "layer", "rollback seed", "rollback layer", "restore view",
+                            "rollback", "daemon seed"}, \
         by_kind
     bad = {kind: opts for kind, opts in by_kind.items()
            if not all({"nosuid", "nodev"} <= set(o.split(",")) for o in opts)}

@@ -18,7 +18,7 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import daemon_pid
 from squashfu_fs.store import registry as readers
 
-from .harness import fuse_mounted, history, one_line, rolled_back, squashfu
+from .harness import committed_bins, fuse_mounted, history, one_line, rolled_back, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -40,7 +40,7 @@ def refused_and_intact(root: Path) -> None:
     proc = squashfu("-r", root, "resquash", expect=1)
     assert "uses bins" in one_line(proc)
     assert [b["number"] for b in history(root)["bins"]] == [1, 2, 3]
-    assert sorted(p for p in os.listdir(root / "bins") if p.isdigit()) == ["1", "2", "3"]
+    assert committed_bins(root) == [1, 2, 3]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import fuse_mounted, history, reachable_by_others, rolled_back, run_as_nobody, squashfu
+from .harness import bin_opened, fuse_mounted, history, reachable_by_others, rolled_back, run_as_nobody, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -47,7 +47,8 @@ def test_a_sources_user_overlay_xattrs_are_data(scratch: Path) -> None:
     os.setxattr(src / "d", "user.overlay.opaque", b"y")
     os.setxattr(src / "d", "user.overlay.redirect", b"/elsewhere")
     squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    assert os.getxattr(root / "bins" / "1" / "d", "user.overlay.opaque") == b"y", "stored as data in the bin"
+    with bin_opened(root, 1) as bin1:
+        assert os.getxattr(bin1 / "d", "user.overlay.opaque") == b"y", "stored as data in the bin"
     assert not (root / "bins" / "1.opaque").exists(), "not an opaque directory for overlay"
     with every_view(root, scratch, "2026-11-03", "tue") as views:
         for how, top in views.items():

@@ -20,7 +20,7 @@ from squashfu_fs.store import registry as readers
 from squashfu_fs.store.history import load
 from squashfu_fs.store.views import ViewTable
 
-from .harness import bin_entries, fuse_mounted, history, rollback_snapshot, squashfu
+from .harness import bin_entries, committed_bins, fuse_mounted, history, rollback_snapshot, sealed, squashfu
 from .treegen import build_initial, differences, mutate, snapshot
 
 pytestmark = pytest.mark.mounts
@@ -77,8 +77,8 @@ def test_a_month_of_nights_with_resquashes(scratch: Path, compare: str) -> None:
     numbers = [b["number"] for b in h["bins"]]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
     assert not set(numbers) & set(h["seed"]["absorbed"]), "a bin number was reused"
-    on_disk = sorted(int(p.name) for p in (root / "bins").iterdir())
-    assert on_disk == numbers, "bins on disk and in history disagree"
+    assert committed_bins(root) == numbers, "bins on disk and in history disagree"
+    assert sealed(root), "a bin was left unsealed"
     assert [p.name for p in root.glob("seed*.sfs")] == [h["seed"]["file"]]
 
     listed = squashfu("-r", root, "list", "--json").stdout

@@ -51,9 +51,9 @@ def test_damaged_history_changes_nothing(root: Path) -> None:
 
 def test_history_naming_a_missing_bin_refuses_to_clean_up(root: Path) -> None:
     squashfu("-r", root, "backup", now="2026-11-03T02:00")
-    os.rename(root / "bins" / "1", root / "bins" / "moved-away")
-    assert "missing" in one_line(squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=1))
-    assert (root / "bins" / "moved-away").is_dir(), "recovery deleted data it could not account for"
+    os.rename(root / "bins" / "1.sfs", root / "bins" / "moved-away")
+    assert "bins/1.sfs is missing" in one_line(squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=1))
+    assert (root / "bins" / "moved-away").is_file(), "recovery deleted data it could not account for"
 
 
 def test_bad_config_value(root: Path) -> None:

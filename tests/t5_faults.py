@@ -79,9 +79,10 @@ def assert_intact(root: Path, expected: dict, scratch: Path) -> None:
 def assert_clean(root: Path) -> None:
     assert not mounts.mounts_below(root), f"mounts left: {mounts.mounts_below(root)}"
     h = history(root)
-    committed = {str(b["number"]) for b in h["bins"]}
-    records = {f"{n}.opaque" for n in committed}
+    committed = {f"{b['number']}.sfs" if b["format"] == "sealed" else str(b["number"]) for b in h["bins"]}
+    records = {f"{b['number']}.opaque" for b in h["bins"]}
     assert {p.name for p in (root / "bins").iterdir()} - records == committed, "debris left in bins/"
+    assert all(b["format"] == "sealed" for b in h["bins"]), "a bin was left unsealed"
     assert [p.name for p in root.glob("seed*")] == [h["seed"]["file"]]
     assert not list((root / ".work").iterdir())
     assert not (root / ".staging").exists()
@@ -102,6 +103,33 @@ def test_kill_during_a_nightly_backup(scratch: Path, checkpoint: str) -> None:
         assert ".partial-3" in debris or "3" in debris, debris
     squashfu("-r", root, "backup", now="2026-11-05T03:00")  # recovers by itself
     expected["2026-11-05"] = snapshot(os.fsencode(src))
+    assert_clean(root)
+    assert_intact(root, expected, scratch)
+
+
+SEALING = ["mksquashfs-running", "seal-image-made", "seal-written", "seal-committed", "seal-done"]
+
+
+@pytest.mark.parametrize("checkpoint", SEALING)
+def test_kill_while_sealing_a_bin(scratch: Path, checkpoint: str) -> None:
+    """Bin 3 is committed before sealing starts: every crash keeps it, and the next backup seals it."""
+    src, root, expected = make_root(scratch, nights=3)
+    mutate(os.fsencode(src), 3)
+    crash(root, checkpoint, "backup", now="2026-11-05T02:00", delay=0.05)
+    expected["2026-11-05"] = snapshot(os.fsencode(src))
+    after = history(root)
+    assert after["bins"][-1]["number"] == 3, "the night's bin must be committed before it is sealed"
+    third = after["bins"][-1]
+    on_disk = {p.name for p in (root / "bins").iterdir()}
+    if checkpoint in ("seal-committed", "seal-done"):
+        assert third["format"] == "sealed" and third["digest"].startswith("sha256:"), third
+        assert ("3" in on_disk) == (checkpoint == "seal-committed"), on_disk
+    else:
+        assert third["format"] == "overlay" and "3" in on_disk, (third, on_disk)
+        debris = {"mksquashfs-running": "3.sfs.tmp", "seal-image-made": "3.sfs.tmp", "seal-written": "3.sfs"}
+        assert debris[checkpoint] in on_disk, on_disk
+    assert_intact(root, expected, scratch)  # the crash left the committed days readable as they were
+    squashfu("-r", root, "backup", now="2026-11-05T03:00")  # recovers and seals by itself
     assert_clean(root)
     assert_intact(root, expected, scratch)
 
