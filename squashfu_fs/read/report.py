@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from squashfu_fs.store import layers as layers_mod
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import WEEKDAYS, ViewTable
 from squashfu_fs.util.units import human
@@ -26,13 +27,16 @@ def rows(root: Path) -> dict[str, Any]:
             "absorbed": list(seed.absorbed), "created": seed.created,
         })
     for b in history.bins:
+        sealed = layers_mod.sealed(b)
         layers.append({
             "layer": b.number, "time": b.time, "weekday": WEEKDAYS[b.when.weekday()],
-            "view": shown.get(b.number), "bytes": b.bytes, "files": b.files,
-            "duration": b.duration, "rsync_status": b.rsync_status,
+            "view": shown.get(b.number), "format": b.format,
+            # on disk: the image of a sealed bin; "data_bytes" is what the bin held before compression
+            "bytes": b.image_bytes if sealed and b.image_bytes is not None else b.bytes, "data_bytes": b.bytes,
+            "files": b.files, "duration": b.duration, "rsync_status": b.rsync_status,
         })
     seed_bytes = layers[0]["bytes"] if history.seed is not None else 0
-    bins_bytes = sum(b.bytes for b in history.bins)
+    bins_bytes = sum(row["bytes"] for row in layers[1 if history.seed is not None else 0:])
     return {
         "root": str(root), "generation": history.generation, "layers": layers,
         "totals": {"seed": seed_bytes, "incrementals": bins_bytes, "all": seed_bytes + bins_bytes,
