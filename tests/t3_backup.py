@@ -255,6 +255,10 @@ def test_acls_the_seed_cannot_hold_are_reported_and_stored_by_the_next_backup(sc
     quiet = squashfu("-r", root, "backup", now="2026-11-03T02:00")  # repairs it: exit 0, silent
     assert quiet.stderr == ""
     assert b"shared.txt" in bin_entries(root, 1) and b"plain.txt" not in bin_entries(root, 1)
+    first = history(root)["bins"][0]  # SquashFS cannot hold the ACL: the bin stays a directory, listed
+    assert first["format"] == "overlay" and first["acls"] is True and first["digest"].startswith("sha256:")
+    assert (root / "bins" / "1").is_dir() and (root / "bins" / "1.sha256").is_file()
+    assert not (root / "bins" / "1.sfs").exists()
     with rolled_back(root, "latest", scratch / "mp") as mp:
         assert acl_of(mp / "shared.txt") == acl_of(src / "shared.txt") is not None
     squashfu("-r", root, "backup", now="2026-11-04T02:00")
