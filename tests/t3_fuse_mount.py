@@ -10,6 +10,7 @@ entry by entry, what the kernel's overlayfs shows for the same layers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -30,6 +31,7 @@ import pytest
 from squashfu_fs.engines import mounts
 from squashfu_fs.read.mountd import daemon_pid, state_dir
 from squashfu_fs.store import history as history_mod
+from squashfu_fs.store import layers
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import ViewTable
@@ -109,32 +111,41 @@ class HandMade:
         self.history = self.history.with_bin(Bin(number, when.isoformat(), 1.0, 0, 0, 0))
         history_mod.save(self.layout.history, self.history)
 
+    def seal(self) -> None:
+        """Compress every bin into ``bins/N.sfs`` with plain mksquashfs, as sealing does, and drop the directory."""
+        for b in self.history.bins:
+            subprocess.run(["mksquashfs", self.layout.bin(b.number), self.layout.sealed_bin(b.number), "-noappend",
+                            "-quiet", "-comp", "zstd"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["rm", "-rf", self.layout.bin(b.number)], check=True)
+            self.history = self.history.with_bin_replaced(dataclasses.replace(b, format="sealed"))
+        history_mod.save(self.layout.history, self.history)
+
     @contextmanager
     def kernel_view(self, name: str) -> Iterator[Path]:
-        """The same state through the kernel: a read-only overlay of the same layers."""
+        """The same state through the kernel: a read-only overlay of the same layers (images mounted first)."""
         spec = ViewTable.from_history(self.history).resolve(name)
         assert self.history.seed is not None
         seed_mp = self.base / "kseed"
         view_mp = self.base / "kview"
         seed_mp.mkdir(exist_ok=True)
         view_mp.mkdir(exist_ok=True)
-        mounts.mount_squashfs(self.layout.seed(self.history.seed.file), seed_mp)
-        try:
+        bins = [self.history.bin(n) for n in spec.bins]
+        with mounts.squashfs_mounted(self.layout.seed(self.history.seed.file), seed_mp), \
+                layers.images_mounted(self.layout, bins, self.base / "kbins") as images:
             # The seed alone goes over an empty layer too: a read-only overlay needs two
             # lowers, and only overlay unescapes the seed's trusted.overlay.overlay.* xattrs.
-            lowers = [self.layout.bin_rel(n) for n in spec.bins]
-            lowers += [os.path.relpath(seed_mp, self.root), ".empty"]
-            mounts.mount_overlay(view_mp, lowers, cwd=self.root)
+            lowers = layers.lowerdirs(self.layout, bins, os.path.relpath(seed_mp, self.root), images=images)
+            mounts.mount_overlay(view_mp, [*lowers, ".empty"], cwd=self.root)
             try:
                 yield view_mp
             finally:
                 mounts.unmount(view_mp)
-        finally:
-            mounts.unmount(seed_mp)
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandMade]:
+# Every test on this history runs twice: over bins kept as directories, and over the same bins
+# sealed into images, which the daemon mounts itself (loop as root, squashfuse as a normal user).
+@pytest.fixture(scope="module", params=["directories", "sealed"])
+def made(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[HandMade]:
     base = tmp_path_factory.mktemp("history")
     h = HandMade(base)
     try:
@@ -142,6 +153,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandMade]:
         h.make_seed(times[0])
         for night, when in enumerate(times[1:], start=1):
             h.add_night(night, when)
+        if request.param == "sealed":
+            h.seal()
         yield h
     finally:
         force_unmount(base)
@@ -397,7 +410,8 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
         assert proc.returncode == 0, proc.stderr
         try:
             seeds = [e.mount_point for e in mounts.mount_table() if e.fstype == "fuse.squashfuse"]
-            assert len(seeds) == 1 and seeds[0].startswith(os.fsencode(private)), seeds
+            images = 1 + sum(layers.sealed(b) for b in made.history.bins)  # each image mounted once
+            assert len(seeds) == images and all(m.startswith(os.fsencode(private)) for m in seeds), seeds
             table = ViewTable.from_history(made.history)
             assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted(table.names())
             for name in ["seed", *table.dated]:
