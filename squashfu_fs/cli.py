@@ -105,8 +105,10 @@ def main(root: Path | None, debug: bool) -> None:
               help="Resquash when more bins than this exist.")
 @click.option("--min-bins", type=click.IntRange(min=0), default=7, show_default=True,
               help="Bins left after a resquash.")
+@click.option("--seal/--no-seal", default=True, show_default=True,
+              help="Compress each night's bin into an image with a digest (docs/layout.md).")
 def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
-         max_bins: int, min_bins: int) -> None:
+         max_bins: int, min_bins: int, seal: bool) -> None:
     """Create a backup root for SOURCE at ROOT."""
     from squashfu_fs.errors import ConfigError
     from squashfu_fs.store.config import Config
@@ -114,7 +116,7 @@ def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
 
     try:
         config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,
-                        max_bins=max_bins, min_bins=min_bins)
+                        max_bins=max_bins, min_bins=min_bins, seal=seal)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     init_root(Path(os.path.abspath(root)), config)

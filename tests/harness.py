@@ -114,7 +114,7 @@ def sealed(root: Path) -> bool:
 
 
 def keep_bins_unsealed(root: Path) -> None:
-    """``seal = false`` in the root's config: bins stay directories (docs/layout.md, "Sealed bins")."""
+    """``seal = false`` in an existing root's config: bins stay directories (docs/layout.md, "Sealed bins")."""
     config = root / "squashfu.toml"
     config.write_text(config.read_text() + "seal = false\n")
 

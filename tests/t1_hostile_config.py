@@ -35,6 +35,8 @@ from squashfu_fs.store import config
     ('excludes = [1]\n', "excludes must be a list of strings"),
     ('excludes = ["*.tmp", ""]\n', "an empty exclude pattern"),
     ('excludes = ["a\\u0000b"]\n', "NUL"),
+    ('seal = "yes"\n', r"seal must be a boolean \(true or false\), not 'yes'"),
+    ('seal = 1\n', "seal must be a boolean"),
 ])
 def test_every_value_is_checked_when_the_file_is_read(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "squashfu.toml").write_text('source = "/srv/data"\n' + text)

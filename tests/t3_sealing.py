@@ -61,8 +61,8 @@ def test_seal_false_keeps_directories_with_digest_lists(scratch: Path) -> None:
     src, root = scratch / "src", scratch / "root"
     src.mkdir()
     build_initial(os.fsencode(src))
-    squashfu("init", root, "--source", src)
-    keep_bins_unsealed(root)
+    squashfu("init", root, "--source", src, "--no-seal")
+    assert "seal = false" in (root / "squashfu.toml").read_text()
     nights(src, root, 3)
     for b in history(root)["bins"]:
         n = b["number"]
