@@ -126,3 +126,28 @@ def test_a_failed_reload_is_retried_and_its_views_keep_their_bins(scratch: Path,
         assert (mp / "latest" / "d" / "f").read_text() == night_text(3)
         eventually(lambda: (squashfu("-r", root, "resquash", expect=None).returncode == 0
                             and bins(root) == {"3"}), "the left bins were never deleted")
+
+
+def test_a_directory_held_open_while_its_bin_is_sealed_reads_that_day(scratch: Path) -> None:
+    """A view built over bin 1's directory keeps it until the view is gone; sealing never pulls it away."""
+    src, root = make_root(scratch, nights=2, max_bins=14, min_bins=7, seal=False)  # seed, bin 1 (11-03)
+    mp = scratch / "view"
+    with fuse_mounted(root, mp):
+        held = os.open(mp / "2026-11-03" / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.listdir(held) == ["f"]
+            config = root / "squashfu.toml"
+            config.write_text(config.read_text().replace("seal = false\n", ""))
+            backup(src, root, 2)  # seals bin 1 (and the new bin 2)
+            h = history(root)
+            assert [b["format"] for b in h["bins"]] == ["sealed", "sealed"]
+            eventually(lambda: not readers.lagging(root, h["generation"]), "the daemon never loaded the seal")
+            assert (root / "bins" / "1").is_dir(), "the directory a live view reads was deleted"
+            assert read_or_estale(held, "f") == night_text(1), "the held view lost its day"
+            assert (mp / "2026-11-03" / "d" / "f").read_text() == night_text(1)  # a fresh lookup: the image
+        finally:
+            os.close(held)
+        # Once the kernel forgets the old view, the next writer's recovery deletes the directory.
+        eventually(lambda: (squashfu("-r", root, "resquash", expect=None).returncode in (0, 2)
+                            and not (root / "bins" / "1").exists()), "the sealed bin's directory was never deleted")
+        assert (mp / "latest" / "d" / "f").read_text() == night_text(2)
