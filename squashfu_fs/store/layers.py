@@ -33,6 +33,8 @@ from squashfu_fs.store.layout import RootLayout
 class _DirectoryBin:
     """``overlay``: the bin is the directory ``bins/N`` itself."""
 
+    is_image = False
+
     def image(self, layout: RootLayout, number: int) -> Path | None:
         return None
 
@@ -45,6 +47,8 @@ class _DirectoryBin:
 
 class _SealedBin:
     """``sealed``: the bin is the image ``bins/N.sfs``, read wherever it is mounted."""
+
+    is_image = True
 
     def image(self, layout: RootLayout, number: int) -> Path | None:
         return layout.sealed_bin(number)
@@ -81,7 +85,7 @@ def image(layout: RootLayout, entry: Bin) -> Path | None:
 
 def sealed(entry: Bin) -> bool:
     """Whether a bin is an image (sealed) rather than a directory."""
-    return _kind(entry).image(RootLayout(Path("/")), entry.number) is not None
+    return _kind(entry).is_image
 
 
 def lowerdir(layout: RootLayout, entry: Bin, images: Mapping[int, str]) -> str:
