@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from squashfu_fs.engines.unsquashfs import Check
+from squashfu_fs.errors import SquashfuError
 from squashfu_fs.store import digests as digest_lists
 from squashfu_fs.store import layers
 from squashfu_fs.store.history import Bin, History, Seed
@@ -288,6 +289,8 @@ class _Verifier:
         except FileNotFoundError:
             self.gone(layer, f"{shown} is missing")
             return None
+        except PermissionError:
+            raise SquashfuError(f"{shown}: Permission denied; verify reads every layer: run it as root") from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 layer.report.problems.append(f"{shown} is not {kind_name} (a symlink or another kind of file)")
