@@ -235,11 +235,14 @@ def test_a_missing_layer_and_entries_history_does_not_name(scratch: Path) -> Non
     proc = verify(root, expect=1)
     assert "root: bins/notes.txt is not part of the root's history" in proc.stdout, proc.stdout
     assert "root: seed.sfs.orig is not part of the root's history" in proc.stdout, proc.stdout
-    assert one_line(proc) == "squashfu: verify found damage in 2 entries in the root that history does not name"
+    assert one_line(proc) == "squashfu: verify found damage in 2 stray entries in the root"
     report = verify_json(root, expect=1)
     assert damaged(report) == [] and len(report["root_problems"]) == 2
     (root / "bins" / "notes.txt").unlink()
     (root / "seed.sfs.orig").unlink()
+    (root / "bins" / "9.sfs").symlink_to(root / "bins" / "3.sfs")  # named like debris, but squashfu makes no links
+    assert verify_json(root, expect=1)["root_problems"] == ["bins/9.sfs is a symlink, which squashfu never makes"]
+    (root / "bins" / "9.sfs").unlink()
 
     # What an interrupted command leaves is debris for the next writer, not damage.
     (root / "bins" / ".partial-4").mkdir()

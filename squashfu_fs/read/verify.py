@@ -144,7 +144,7 @@ class Report:
                          "layers)")
         if self.root_problems:
             count = len(self.root_problems)
-            parts.append(f"{count} entr{'y' if count == 1 else 'ies'} in the root that history does not name")
+            parts.append(f"{count} stray entr{'y' if count == 1 else 'ies'} in the root")
         return "verify found damage in " + "; ".join(parts)
 
 
@@ -173,8 +173,8 @@ class _Bar:
         if self.enabled and now - self._drawn >= 0.2:
             self._drawn = now
             percent = min(100, self.done * 100 // self.total)
-            sys.stderr.write(_shown(f"\rverify: {percent:3d}%  {human(self.done)} of {human(self.total)}  "
-                                    f"{self.label}   "))
+            sys.stderr.write(f"\rverify: {percent:3d}%  {human(self.done)} of {human(self.total)}  "
+                             f"{_shown(self.label)}   ")
             sys.stderr.flush()
 
     def start(self, label: str) -> None:
@@ -315,7 +315,9 @@ class _Verifier:
         with os.scandir(self.rootfd) as it:
             for entry in it:
                 name = entry.name
-                if name == seed_file or name in (CONFIG_NAME, HISTORY_NAME):
+                if entry.is_symlink():
+                    problems.append(f"{name} is a symlink, which squashfu never makes")
+                elif name == seed_file or name in (CONFIG_NAME, HISTORY_NAME):
                     if not entry.is_file(follow_symlinks=False):
                         problems.append(f"{name} is not a regular file")
                 elif name in skeleton:
@@ -336,7 +338,9 @@ class _Verifier:
                 if name in committed:
                     continue
                 shown = f"bins/{name}"
-                if _bin_debris(layout, name):
+                if entry.is_symlink():
+                    problems.append(f"{shown} is a symlink, which squashfu never makes")
+                elif _bin_debris(layout, name):
                     debris.append(shown)
                 else:
                     problems.append(f"{shown} is not part of the root's history")
