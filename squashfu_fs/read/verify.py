@@ -461,7 +461,7 @@ def _short(value: str) -> str:
 def _named(what: str, paths: list[bytes]) -> list[str]:
     out = [f"{_name(p)}: {what}" for p in paths[:SHOWN_NAMES]]
     if len(paths) > SHOWN_NAMES:
-        out.append(f"… and {len(paths) - SHOWN_NAMES} more files that {what.removeprefix('is ')}")
+        out.append(f"… and {len(paths) - SHOWN_NAMES} more that {what.replace('is ', 'are ', 1)}")
     return out
 
 
