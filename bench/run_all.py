@@ -16,6 +16,7 @@ BENCHMARKS = [
     ["bench_backup.py"],
     ["bench_backup.py", "--full"],
     ["bench_fuse.py"],
+    ["bench_verify.py"],
 ]
 
 

@@ -243,6 +243,22 @@ def resquash(root: Path, progress: bool | None, verbose: bool) -> None:
     resquash_now(root, progress=_want_progress(progress), verbose=verbose)
 
 
+@main.command()
+@needs_root
+@click.option("--data", is_flag=True, help="Also read every file of every layer (slow: decompresses everything).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@progress_option
+def verify(root: Path, data: bool, as_json: bool, progress: bool | None) -> None:
+    """Check that history, layers and digests agree and that every image reads back."""
+    from squashfu_fs.errors import DamagedRootError
+    from squashfu_fs.read.verify import verify as do_verify
+
+    report = do_verify(root, data=data, progress=_want_progress(progress))
+    click.echo(report.as_json() if as_json else report.as_text(), nl=False)
+    if not report.ok:
+        raise DamagedRootError(report.failure())
+
+
 def _want_progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 

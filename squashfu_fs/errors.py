@@ -77,3 +77,7 @@ def _name(name: object) -> str:
 
 class SourceChangedError(SquashfuError):
     """The source is empty or on another filesystem than at the last backup: its disk may be missing."""
+
+
+class DamagedRootError(SquashfuError):
+    """``verify`` found a committed layer damaged or missing, or entries in the root history does not name."""

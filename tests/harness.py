@@ -51,6 +51,19 @@ def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[st
     return proc
 
 
+def backup_paused_in_rsync(root: Path, pause: float, now: str = "2026-11-03T02:00") -> subprocess.Popen[bytes]:
+    """A backup that holds the lock and its mounts for ``pause`` seconds once rsync has started, then dies."""
+    env = {**os.environ, "SQUASHFU_FAULT": "rsync-running", "SQUASHFU_FAULT_DELAY": str(pause),
+           "SQUASHFU_NOW": now}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not mounts.is_mounted(root / "rw"):
+        assert time.monotonic() < deadline and proc.poll() is None, "the backup never mounted its union"
+        time.sleep(0.05)
+    return proc
+
+
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:
     """The one line a command printed on stderr; more lines, or a traceback, fail the test."""
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -19,7 +19,7 @@ import pytest
 
 from squashfu_fs.engines import mounts
 
-from .harness import CLI, history, rollback_snapshot, rolled_back, squashfu
+from .harness import CLI, backup_paused_in_rsync, history, rollback_snapshot, rolled_back, squashfu
 from .treegen import build_initial, differences, mutate, snapshot
 
 pytestmark = pytest.mark.mounts
@@ -169,19 +169,6 @@ def test_kill_during_resquash(scratch: Path, checkpoint: str) -> None:
     expected["2026-11-07"] = snapshot(os.fsencode(src))
     assert_clean(root)
     assert_intact(root, expected, scratch)
-
-
-def backup_paused_in_rsync(root: Path, pause: float) -> subprocess.Popen[bytes]:
-    """A backup that holds the lock and its mounts for ``pause`` seconds once rsync has started."""
-    env = {**os.environ, "SQUASHFU_FAULT": "rsync-running", "SQUASHFU_FAULT_DELAY": str(pause),
-           "SQUASHFU_NOW": "2026-11-03T02:00"}
-    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not mounts.is_mounted(root / "rw"):
-        assert time.monotonic() < deadline and proc.poll() is None, "the backup never mounted its union"
-        time.sleep(0.05)
-    return proc
 
 
 def test_a_second_writer_fails_at_once_naming_the_holder(scratch: Path) -> None:
