@@ -18,6 +18,8 @@ overwritten in place at a seeded aligned offset each night.
    base; and random 4 KiB reads.
 4. Finding tonight's changed blocks at backup time: hashing the source per
    block against a stored hash list, and comparing it with the previous version.
+5. Writing the assembled file to disk (what a kernel roll-back or a resquash
+   would have to do), fsync included.
 
 Run as root (loop mounts), wrapped in ``flock /tmp/squashfu-bench.lock``:
 `.venv/bin/python bench/bench_delta.py --mib 512 --chains 1,7,14,30`.
@@ -289,6 +291,32 @@ def run(args: argparse.Namespace, base: Path, mnt: Path, chains: list[int]) -> b
     a.close()
     print(f"   compare with the previous version read through the stack: {args.mib / t:.0f} MiB/s "
           f"({diff} block(s) differ)")
+
+    n = max(chains)
+    print(f"\n5. materializing the assembled file (base + {n} deltas) to disk, as a kernel roll-back or a "
+          f"resquash would need, written and fsynced, median of {args.rounds}:")
+    a = Assembled(big, deltas[:n])
+    out = base / "assembled.bin"
+    for from_disk in (False, True):
+        runs = []
+        for _ in range(args.rounds):
+            out.unlink(missing_ok=True)
+            if from_disk:
+                drop_caches()
+            else:
+                sequential(a.pread, size, 2**20)
+            t0 = time.perf_counter()
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            off = 0
+            while off < size:
+                off += os.write(fd, a.pread(2**20, off))
+            os.fsync(fd)
+            os.close(fd)
+            runs.append(time.perf_counter() - t0)
+        print(f"   source {'cold' if from_disk else 'warm'}: {statistics.median(runs):.2f} s, "
+              f"{args.mib / statistics.median(runs):.0f} MiB/s")
+    a.close()
+    out.unlink()
     return True
 
 
