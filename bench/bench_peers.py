@@ -32,6 +32,10 @@ each after dropping the page cache; then what each tool kept of hard links,
 ACLs and xattrs in a tiny probe backed up and restored with the same
 settings.
 
+squashfu runs as ``python -m squashfu_fs.cli``, which imports the package from
+the current directory first, then from PYTHONPATH: run it from (or with
+PYTHONPATH set to, and from outside any other checkout) the code to measure.
+
 Run as root on a quiet machine (wrap it in ``flock /tmp/squashfu-bench.lock``):
 `.venv/bin/python bench/bench_peers.py --files 100000`,
 `.venv/bin/python bench/bench_peers.py --data compressible --nights 9`,
