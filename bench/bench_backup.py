@@ -3,6 +3,10 @@
 
 Same source, same nightly change (1% of the files rewritten), both run each
 round in alternating order; prints per-round times, medians and the ratio.
+squashfu runs with ``-v`` so that the time from its "sealing bin N" line to its
+"sealed bin N" line (compressing, checking and committing the night's bin,
+then removing its directory) is reported as the share of the night spent
+sealing; ``--no-seal`` sets ``seal = false`` for a comparison.
 Run as root: `make bench` or `.venv/bin/python bench/bench_backup.py --files 100000`.
 """
 
@@ -47,6 +51,30 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
+def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run a verbose ``squashfu backup``: its whole time, and the time between its sealing lines.
+
+    stderr is read as it is written (``say`` flushes each line), so each line
+    is stamped when squashfu said it.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    began = ended = 0.0
+    lines = []
+    for line in proc.stderr:
+        now = time.perf_counter()
+        lines.append(line)
+        if "squashfu: sealing bin " in line:
+            began = began or now
+        elif "squashfu: sealed bin " in line:
+            ended = now
+    if proc.wait() != 0:
+        sys.stderr.write("".join(lines))
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return time.perf_counter() - start, (ended - began) if began and ended else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--files", type=int, default=100_000)
@@ -55,6 +83,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/squashfu-bench-backup"))
     ap.add_argument("--full", action="store_true",
                     help="run `backup --full` (rsync compares the whole union) instead of using the manifest")
+    ap.add_argument("--no-seal", action="store_true", help="set `seal = false`: bins stay directories")
     args = ap.parse_args()
     rng = random.Random(42)
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -64,33 +93,44 @@ def main() -> None:
     print(f"source: {args.files} files, {sum(p.stat().st_size for p in paths) / 2**20:.0f} MiB, "
           f"made in {time.perf_counter() - t0:.1f} s")
     subprocess.run([*SQUASHFU, "init", str(root), "--source", str(src)], check=True, stdout=subprocess.DEVNULL)
+    if args.no_seal:
+        with open(root / "squashfu.toml", "a") as f:
+            f.write("seal = false\n")
     night = datetime(2026, 11, 2, 2, 0)
     env = {**os.environ, "SQUASHFU_NOW": night.isoformat()}
     seed_time = timed([*SQUASHFU, "-r", str(root), "backup"], env)
     full_rsync = timed(["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"])
     print(f"first backup (seed): squashfu {seed_time:.2f} s, rsync into a directory {full_rsync:.2f} s")
-    ours, theirs = [], []
+    ours, theirs, sealing = [], [], []
     for n in range(1, args.rounds + 1):
         change(paths, args.changed, rng, n)
         night += timedelta(days=1)
         env = {**os.environ, "SQUASHFU_NOW": night.isoformat()}
         subprocess.run(["sync"], check=True)
         full = ["--full"] if args.full else []
-        runs = [("squashfu", [*SQUASHFU, "-r", str(root), "backup", *full], env),
-                ("rsync", ["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"], None)]
+        order = ["squashfu", "rsync"]
         if n % 2 == 0:
-            runs.reverse()  # alternate who reads the freshly changed source first
+            order.reverse()  # alternate who reads the freshly changed source first
         times = {}
-        for name, argv, e in runs:
-            times[name] = timed(argv, e)
+        for name in order:
+            if name == "squashfu":
+                times[name], sealed = timed_backup([*SQUASHFU, "-r", str(root), "backup", "-v", *full], env)
+            else:
+                times[name] = timed(["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"])
         ours.append(times["squashfu"])
         theirs.append(times["rsync"])
-        print(f"night {n}: squashfu {times['squashfu']:.3f} s, rsync {times['rsync']:.3f} s, "
-              f"ratio {times['squashfu'] / times['rsync']:.2f}")
-    mo, mt = statistics.median(ours), statistics.median(theirs)
+        sealing.append(sealed)
+        print(f"night {n}: squashfu {times['squashfu']:.3f} s (sealing {sealed:.3f} s), "
+              f"rsync {times['rsync']:.3f} s, ratio {times['squashfu'] / times['rsync']:.2f}", flush=True)
+    mo, mt, ms = statistics.median(ours), statistics.median(theirs), statistics.median(sealing)
     mode = "backup --full" if args.full else "backup (manifest)"
+    if args.no_seal:
+        mode += ", seal = false"
     print(f"{mode}, median of {args.rounds}: squashfu {mo:.3f} s, plain rsync {mt:.3f} s, "
           f"ratio {mo / mt:.2f} (goal <= 1.3)")
+    rest = statistics.median(o - s for o, s in zip(ours, sealing, strict=True))
+    print(f"sealing, median of {args.rounds}: {ms:.3f} s, {ms / mo:.0%} of squashfu's median night; "
+          f"the night without it: median {rest:.3f} s, ratio {rest / mt:.2f}")
     listing = subprocess.run([*SQUASHFU, "-r", str(root), "list"], check=True, capture_output=True, text=True)
     print(listing.stdout.splitlines()[-1])
     shutil.rmtree(args.dir, ignore_errors=True)
