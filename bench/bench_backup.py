@@ -51,28 +51,34 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
-def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run a verbose ``squashfu backup``: its whole time, and the time between its sealing lines.
+def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Run a verbose ``squashfu backup``: its whole time, and its phases from the lines it says.
 
     stderr is read as it is written (``say`` flushes each line), so each line
-    is stamped when squashfu said it.
+    is stamped when squashfu said it. Phases: ``walk`` (start to "backing up
+    into bin": start-up, lock, recovery, the source walk and the manifest),
+    ``union`` (to "committed bin": mounting the layers, rsync, repairs, the
+    commit), ``sealing`` ("sealing bin" to "sealed bin").
     """
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    began = ended = 0.0
+    stamps: dict[str, float] = {}
     lines = []
     for line in proc.stderr:
-        now = time.perf_counter()
+        now = time.perf_counter() - start
         lines.append(line)
-        if "squashfu: sealing bin " in line:
-            began = began or now
-        elif "squashfu: sealed bin " in line:
-            ended = now
+        for key in ("backing up into bin", "committed bin", "sealing bin", "sealed bin"):
+            if f"squashfu: {key} " in line and (key == "sealed bin" or key not in stamps):
+                stamps[key] = now  # the first bin sealed to the last one, when an older root seals several
     if proc.wait() != 0:
         sys.stderr.write("".join(lines))
         raise subprocess.CalledProcessError(proc.returncode, argv)
-    return time.perf_counter() - start, (ended - began) if began and ended else 0.0
+    total = time.perf_counter() - start
+    walked = stamps.get("backing up into bin", 0.0)
+    phases = {"walk": walked, "union": stamps.get("committed bin", walked) - walked,
+              "sealing": stamps.get("sealed bin", 0.0) - stamps.get("sealing bin", 0.0)}
+    return total, phases
 
 
 def main() -> None:
@@ -101,7 +107,7 @@ def main() -> None:
     seed_time = timed([*SQUASHFU, "-r", str(root), "backup"], env)
     full_rsync = timed(["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"])
     print(f"first backup (seed): squashfu {seed_time:.2f} s, rsync into a directory {full_rsync:.2f} s")
-    ours, theirs, sealing = [], [], []
+    ours, theirs, sealing, unions = [], [], [], []
     for n in range(1, args.rounds + 1):
         change(paths, args.changed, rng, n)
         night += timedelta(days=1)
@@ -114,13 +120,15 @@ def main() -> None:
         times = {}
         for name in order:
             if name == "squashfu":
-                times[name], sealed = timed_backup([*SQUASHFU, "-r", str(root), "backup", "-v", *full], env)
+                times[name], phases = timed_backup([*SQUASHFU, "-r", str(root), "backup", "-v", *full], env)
             else:
                 times[name] = timed(["rsync", "-aHAX", "--delete", f"{src}/", f"{plain}/"])
         ours.append(times["squashfu"])
         theirs.append(times["rsync"])
-        sealing.append(sealed)
-        print(f"night {n}: squashfu {times['squashfu']:.3f} s (sealing {sealed:.3f} s), "
+        sealing.append(phases["sealing"])
+        unions.append(phases["union"])
+        print(f"night {n}: squashfu {times['squashfu']:.3f} s (walk {phases['walk']:.3f}, union {phases['union']:.3f}, "
+              f"sealing {phases['sealing']:.3f} s), "
               f"rsync {times['rsync']:.3f} s, ratio {times['squashfu'] / times['rsync']:.2f}", flush=True)
     mo, mt, ms = statistics.median(ours), statistics.median(theirs), statistics.median(sealing)
     mode = "backup --full" if args.full else "backup (manifest)"
@@ -131,6 +139,7 @@ def main() -> None:
     rest = statistics.median(o - s for o, s in zip(ours, sealing, strict=True))
     print(f"sealing, median of {args.rounds}: {ms:.3f} s, {ms / mo:.0%} of squashfu's median night; "
           f"the night without it: median {rest:.3f} s, ratio {rest / mt:.2f}")
+    print(f"mounting the layers, rsync into the union and committing, median: {statistics.median(unions):.3f} s")
     listing = subprocess.run([*SQUASHFU, "-r", str(root), "list"], check=True, capture_output=True, text=True)
     print(listing.stdout.splitlines()[-1])
     shutil.rmtree(args.dir, ignore_errors=True)
