@@ -3,10 +3,10 @@
 
 Same source, same nightly change (1% of the files rewritten), both run each
 round in alternating order; prints per-round times, medians and the ratio.
-squashfu runs with ``-v`` so that the time from its "sealing bin N" line to its
-"sealed bin N" line (compressing, checking and committing the night's bin,
-then removing its directory) is reported as the share of the night spent
-sealing; ``--no-seal`` sets ``seal = false`` for a comparison.
+squashfu runs with ``-v`` and its lines are stamped, so each night is split
+into walk, union and sealing (see ``timed_backup``) and the share of the night
+spent sealing is reported; ``--no-seal`` sets ``seal = false`` for a
+comparison, ``--mounted`` keeps ``squashfu mount`` of the root running.
 Run as root: `make bench` or `.venv/bin/python bench/bench_backup.py --files 100000`.
 """
 
