@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from squashfu_fs.engines.mounts import is_mounted
-from squashfu_fs.read.mountd import daemon_pid
+from squashfu_fs.read.mountd import daemon_pid, state_dir
 
 CLI = [sys.executable, "-m", "squashfu_fs.cli"]
 PER_DIR = 500
@@ -207,6 +207,19 @@ def mounts_under(base: Path) -> list[str]:
     return [p for p in points if p.startswith(prefix)]
 
 
+def squashfs_sources(under: Path) -> dict[str, str]:
+    """The SquashFS mounts below ``under``: mount point -> the device the image is read from."""
+    prefix = str(under.resolve()) + "/"
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            tail = fields[fields.index("-") + 1:]
+            if tail[0] == "squashfs" and fields[4].startswith(prefix):
+                found[fields[4]] = tail[1]
+    return found
+
+
 def run_cases(args: argparse.Namespace, root: Path, fuse_mp: Path, kern_mp: Path) -> None:
     t = time.perf_counter()
     sh("-r", root, "mount", fuse_mp)
@@ -225,6 +238,12 @@ def run_cases(args: argparse.Namespace, root: Path, fuse_mp: Path, kern_mp: Path
         day = os.readlink(fuse_mp / "latest")
         sh("-r", root, "rollback", day, kern_mp)
         try:
+            # Apples to apples: both sides must read the same images through the same loop devices
+            # (mount reuses a read-only loop device of the same file), so they share one page cache.
+            kern_images = set(squashfs_sources(root / ".rollbacks").values())
+            fuse_images = set(squashfs_sources(state_dir(fuse_mp)).values())
+            print(f"images: the roll-back stacks {len(kern_images)}, the daemon has {len(fuse_images)} mounted, "
+                  f"{len(kern_images & fuse_images)} on the same loop devices")
             fuse_view, kern_view = fuse_mp / day, kern_mp
             # (name, what, cold, rounds): a warm read takes 30-130 ms and is noisy, so it gets
             # WARM_READS x as many rounds (medians of 9 moved by 0.03 between runs); warm walks 3 x.

@@ -17,7 +17,7 @@ import trio
 from squashfu_fs.read.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
 from squashfu_fs.read.vfs import ROOT_INO, Vfs
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store.history import Bin, History, Seed
+from squashfu_fs.store.history import SEALED_FORMAT, Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
@@ -366,3 +366,31 @@ def test_sequential_reads_from_the_seed_are_prefetched(tmp_path: Path) -> None:
         with pytest.raises(OSError) as err:
             os.fstat(closed)
         assert err.value.errno == errno.EBADF
+
+
+def test_sequential_reads_from_a_sealed_bin_are_prefetched(tmp_path: Path) -> None:
+    """A sealed bin is a SquashFS image like the seed: its files get the same read-ahead help."""
+    world = World(tmp_path)
+    sealed_dir = tmp_path / "bin2-unpacked"  # stands in for bins/2.sfs mounted by the daemon
+    sealed_dir.mkdir()
+    data = os.urandom(3 << 20)
+    (sealed_dir / "big2").write_bytes(data)
+    world.history = world.history.with_bin(Bin(2, at(2), 1.0, 0, 0, 0, format=SEALED_FORMAT))
+    world.save()
+    seeds = PlainSeeds(lambda name: os.fsencode(sealed_dir if name == "bins/2.sfs" else world.seed_dir))
+    vfs = Vfs(world.layout, seeds)
+    vfs.refresh()
+    ops = FuseOps(vfs, Recorder())
+    assert "bins/2.sfs" in seeds.acquired
+    big = lookup_path(ops, b"2026-11-04/big2")
+    fd = run(ops.open, big.st_ino, os.O_RDONLY, None).fh
+    step = 256 << 10
+    got = b"".join(run(ops.read, fd, off, step) for off in range(0, len(data) + step, step))
+    assert got == data
+    assert ops.prefetcher._streams[fd].ahead > len(data)  # advice stayed ahead of the reader
+    in_dir_bin = lookup_path(ops, b"2026-11-04/home/alice/a.txt")  # bin 1 is still a directory
+    dir_fd = run(ops.open, in_dir_bin.st_ino, os.O_RDONLY, None).fh
+    assert dir_fd not in ops.prefetcher._streams
+    run(ops.release, fd)
+    run(ops.release, dir_fd)
+    ops.close()

@@ -35,11 +35,12 @@ HOUSEKEEPING_INTERVAL = 0.5
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-# Read-ahead for the seed: squashfs reads its blocks synchronously in whichever
-# thread asks, so the daemon's own pread would wait for the disk on every
-# request while the reader waits for the daemon. A helper thread stays this far
-# ahead of a sequential reader with POSIX_FADV_WILLNEED, so the daemon's preads
-# find the pages cached (cold 1 GiB read: 0.7 -> 0.9 of the kernel's speed).
+# Read-ahead for the images (the seed and sealed bins): squashfs reads its blocks
+# synchronously in whichever thread asks, so the daemon's own pread would wait
+# for the disk on every request while the reader waits for the daemon. A helper
+# thread stays this far ahead of a sequential reader with POSIX_FADV_WILLNEED,
+# so the daemon's preads find the pages cached (cold 1 GiB read from the seed:
+# 0.7 -> 0.9 of the kernel's speed; docs/benchmarks.md).
 PREFETCH_AHEAD = 8 << 20
 PREFETCH_CHUNK = 2 << 20
 PREFETCH_MIN_REQUEST = 128 << 10  # smaller requests are not the kernel's read-ahead
@@ -93,7 +94,7 @@ def _willneed(fd: int, off: int, length: int) -> None:
 
 
 class _Stream:
-    """One open file whose reads come from the seed: where it reads and what is prefetched."""
+    """One open file whose reads come from an image: where it reads and what is prefetched."""
 
     __slots__ = ("ahead", "end", "pending")
 
@@ -104,7 +105,7 @@ class _Stream:
 
 
 class Prefetcher:
-    """Keeps the seed's pages ahead of sequential readers, from one helper thread.
+    """Keeps an image's pages ahead of sequential readers, from one helper thread.
 
     Only the trio thread touches the streams; the helper thread only runs
     ``posix_fadvise``. A file is closed once its last prefetch is done, so the
@@ -340,7 +341,7 @@ class FuseOps(pyfuse3.Operations):
                     raise
                 self._noatime = 0  # O_NOATIME needs ownership or CAP_FOWNER
                 fd = os.open(path, _OPEN_FLAGS)
-            if self.vfs.in_seed(inode):
+            if self.vfs.in_image(inode):
                 self.prefetcher.track(fd)
             return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=False)
 

@@ -85,8 +85,8 @@ class SeedProvider(Protocol):
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("bin_ids", "built", "dir_bins", "id", "images", "key", "layers", "live", "marks", "name",
-                 "retired", "root_entry", "root_ino", "seed_file", "spec")
+    __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_layers", "images", "key", "layers", "live", "marks",
+                 "name", "retired", "root_entry", "root_ino", "seed_file", "spec")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
                  layers: list[Layer], seed_file: str, images: tuple[str, ...] = (),
@@ -99,6 +99,9 @@ class View:
         self.seed_file = seed_file
         self.images = images or (seed_file,)  # every image it stacks, the seed included
         self.dir_bins = spec.bins if dir_bins is None else dir_bins  # bins it reads as directories
+        # Positions (from 1, newest first) of the layers read from a SquashFS image: the seed, sealed bins.
+        self.image_layers = frozenset(
+            [pos for pos, n in enumerate(spec.bins, 1) if n not in self.dir_bins] + [len(layers)])
         self.root_ino = view_id << VIEW_SHIFT
         self.root_entry: Entry | None = None
         self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
@@ -550,10 +553,10 @@ class Vfs:
             raise IsADirectoryError(ino)
         return node.entry.path
 
-    def in_seed(self, ino: int) -> bool:
-        """Whether a file's data comes from the seed image (its bottom layer)."""
+    def in_image(self, ino: int) -> bool:
+        """Whether a file's data comes from a SquashFS image: the seed (the bottom layer) or a sealed bin."""
         node = self.nodes[ino]
-        return node.view is not None and node.entry.layer == len(node.view.layers)
+        return node.view is not None and node.entry.layer in node.view.image_layers
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         """A node's visible xattrs, read once and kept while the node lives."""
