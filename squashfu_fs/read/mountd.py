@@ -277,7 +277,7 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
     state = state_dir(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
         readers.make_state_dir(state)
-        stack.callback(shutil.rmtree, state, True)
+        stack.callback(_remove_state, state)
         seeds = SeedMounts(layout, state / "seeds")
         seeds.clear()
         _write_pid(state, mountpoint)
@@ -308,6 +308,18 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
             if ready is not None:
                 ready()
         log.info("unmounted %s", mountpoint)
+
+
+def _remove_state(state: Path) -> None:
+    """Remove the daemon's directory with its pid file last: a missing pid file means it is all gone."""
+    for entry in state.iterdir() if state.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name != "pid":
+            entry.unlink(missing_ok=True)
+    (state / "pid").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        state.rmdir()
 
 
 def _publish(state: Path, root: Path, usage: Usage) -> None:
