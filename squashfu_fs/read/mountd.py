@@ -39,6 +39,7 @@ from squashfu_fs.store import registry as readers
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.registry import state_root
+from squashfu_fs.util import beneath
 from squashfu_fs.util.process import alive_pid, identity
 
 if TYPE_CHECKING:
@@ -311,13 +312,21 @@ async def _serve(layout: RootLayout, mountpoint: Path, fuse_options: set[str],
 
 
 def _remove_state(state: Path) -> None:
-    """Remove the daemon's directory with its pid file last: a missing pid file means it is all gone."""
-    for entry in state.iterdir() if state.is_dir() else ():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name != "pid":
-            entry.unlink(missing_ok=True)
-    (state / "pid").unlink(missing_ok=True)
+    """Remove the daemon's directory, through its descriptor, with the pid file last.
+
+    A missing pid file then means everything else is gone (``umount`` and the
+    tests wait for it). Nothing below is followed if it is a symlink.
+    """
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for name in sorted(os.listdir(fd), key=lambda n: n == "pid"):  # the pid file last
+            with contextlib.suppress(OSError):
+                beneath.remove_beneath(fd, os.fsencode(name))
+    finally:
+        os.close(fd)
     with contextlib.suppress(OSError):
         state.rmdir()
 

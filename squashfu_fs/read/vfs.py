@@ -34,7 +34,7 @@ from squashfu_fs.errors import SquashfuError
 from squashfu_fs.overlay import Entry, Layer, StatLike
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import layers as layer_kinds
-from squashfu_fs.store.history import History
+from squashfu_fs.store.history import Bin, History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.views import LATEST, SEED, WEEKDAYS, ViewSpec, ViewTable
 
@@ -268,7 +268,7 @@ class Vfs:
         self.counters.reloads += 1
         old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
         old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
-        if new.seed is not None and new.seed.file != self._current_seed:
+        if new.seed is not None:
             self._current_seed = new.seed.file
         images = _images_of(self.layout, new)
         for name in images:
@@ -327,8 +327,7 @@ class Vfs:
     def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View]) -> View:
         assert self._current_seed is not None
         bins = [self.history.bin(n) for n in spec.bins]
-        images = {b.number: os.fspath(path.relative_to(self.layout.root))
-                  for b in bins if (path := layer_kinds.image(self.layout, b)) is not None}
+        images = _image_names(self.layout, bins)
         # A bin sealed since is another view: the old one keeps reading the directory until it retires.
         key: tuple[object, ...] = (name == SEED, spec.bins, self._current_seed, tuple(sorted(images)))
         view = self.views.get(key) or fresh.get(key)
@@ -575,8 +574,13 @@ class Vfs:
         return os.fsencode(self.layout.root)
 
 
+def _image_names(layout: RootLayout, bins: list[Bin] | tuple[Bin, ...]) -> dict[int, str]:
+    """The image of each sealed bin of ``bins``, by bin number, named relative to the root (``bins/N.sfs``)."""
+    return {b.number: os.fspath(path.relative_to(layout.root))
+            for b in bins if (path := layer_kinds.image(layout, b)) is not None}
+
+
 def _images_of(layout: RootLayout, history: History) -> tuple[str, ...]:
     """Every image a history names, relative to the root: its seed, then its sealed bins."""
     seeds = (history.seed.file,) if history.seed is not None else ()
-    return seeds + tuple(os.fspath(path.relative_to(layout.root)) for b in history.bins
-                         if (path := layer_kinds.image(layout, b)) is not None)
+    return seeds + tuple(_image_names(layout, history.bins).values())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from squashfu_fs.engines import mounts
+from squashfu_fs.store import layers
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import durable
 from squashfu_fs.util.process import alive_pid
@@ -139,8 +140,7 @@ def drop_record(record: RollbackRecord) -> None:
         entry = record.overlay()
         if entry is not None:
             mounts.unmount(os.fsdecode(entry.mount_point))
-    for point in reversed(mounts.mounts_below(record.layer_mounts)):
-        mounts.unmount(os.fsdecode(point))
+    layers.unmount_images(record.layer_mounts)
     for point in record.seed_mounts():
         mounts.unmount(os.fsdecode(point))
     shutil.rmtree(record.directory, ignore_errors=True)
