@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/squashfu-bench-backup"))
     ap.add_argument("--full", action="store_true",
                     help="run `backup --full` (rsync compares the whole union) instead of using the manifest")
+    ap.add_argument("--keep", action="store_true", help="leave the source and the root in --dir afterwards")
     ap.add_argument("--no-seal", action="store_true", help="set `seal = false`: bins stay directories")
     ap.add_argument("--mounted", action="store_true",
                     help="keep `squashfu mount` of the root running through the nights (its daemon holds every image)")
@@ -120,7 +121,8 @@ def main() -> None:
             subprocess.run([*SQUASHFU, "umount", str(view)], check=True)
     listing = subprocess.run([*SQUASHFU, "-r", str(root), "list"], check=True, capture_output=True, text=True)
     print(listing.stdout.splitlines()[-1])
-    shutil.rmtree(args.dir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
 
 
 def nights(args: argparse.Namespace, paths: list[Path], rng: random.Random, root: Path, src: Path, plain: Path,
