@@ -51,15 +51,26 @@ def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[st
     return proc
 
 
-def backup_paused_in_rsync(root: Path, pause: float, now: str = "2026-11-03T02:00") -> subprocess.Popen[bytes]:
-    """A backup that holds the lock and its mounts for ``pause`` seconds once rsync has started, then dies."""
+def backup_paused_in_rsync(root: Path, pause: float, now: str = "2026-11-03T02:00", *,
+                           full: bool = True) -> subprocess.Popen[bytes]:
+    """A backup that holds the lock (and with ``full`` its union) for ``pause`` seconds once rsync started, then dies.
+
+    Without ``full`` it is a manifest night, which writes straight into its
+    bin and mounts nothing: it is caught once rsync has written the bin.
+    """
     env = {**os.environ, "SQUASHFU_FAULT": "rsync-running", "SQUASHFU_FAULT_DELAY": str(pause),
            "SQUASHFU_NOW": now}
-    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup", *(["--full"] if full else [])], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
-    while not mounts.is_mounted(root / "rw"):
-        assert time.monotonic() < deadline and proc.poll() is None, "the backup never mounted its union"
+
+    def ready() -> bool:
+        if full:
+            return mounts.is_mounted(root / "rw")
+        return any(p.name.startswith(".partial-") and any(p.iterdir()) for p in (root / "bins").iterdir())
+
+    while not ready():
+        assert time.monotonic() < deadline and proc.poll() is None, "the backup never got to rsync"
         time.sleep(0.05)
     return proc
 

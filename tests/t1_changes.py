@@ -76,6 +76,22 @@ def test_signature_moves_with_ctime_inode_and_size(tmp_path: Path) -> None:
     assert changes.signature(os.lstat(f)) == again
 
 
+def test_a_signature_knows_whether_the_path_was_a_directory(tmp_path: Path) -> None:
+    """A night written straight into its bin marks a directory opaque where a file was: compare says where."""
+    (tmp_path / "flip").write_text("a file\n")
+    (tmp_path / "stays").mkdir()
+    old = changes.walk(os.fsencode(tmp_path), Excludes([])).entries
+    assert changes.was_directory(old[b"flip"]) is False and changes.was_directory(old[b"stays"]) is True
+    assert changes.was_directory(changes.UNKNOWN) is None and changes.was_directory(None) is None
+    (tmp_path / "flip").unlink()
+    (tmp_path / "flip").mkdir()
+    (tmp_path / "new").mkdir()
+    scan = changes.walk(os.fsencode(tmp_path), Excludes([]))
+    diff = changes.compare(old, scan.entries, scan.dirs)
+    assert b"flip" in diff.changed and b"new" in diff.changed
+    assert diff.replaced == [b"flip"], "a new directory hides nothing; one over a former file does"
+
+
 def test_manifest_round_trips_and_rejects_damage(tmp_path: Path) -> None:
     m = changes.Manifest(4, "/src", ("*.tmp",), {b".": 1, b"caf\xe9\n": 2**190})
     changes.save(tmp_path / "m", m)

@@ -78,3 +78,34 @@ def test_a_split_hard_link_is_still_rejoined(tmp_path: Path) -> None:
         assert unionfix.repair(s, u, os.fsencode(upper)) == 1
     assert os.path.samefile(union / "a" / "x", union / "b" / "y")
     assert sorted(os.listdir(union / "b")) == ["y"]
+
+
+def test_whiteouts_go_only_where_every_parent_is_a_directory_tonight(tmp_path: Path) -> None:
+    """Below a path that is now a file nothing needs hiding; elsewhere the parents are made for the whiteout."""
+    from squashfu_fs.write import into_bin
+
+    deleted = [b"a/b/gone", b"top-gone", b"now-a-file/x"]
+    dirs = frozenset({b".", b"a", b"a/b"})
+    assert into_bin.needing_whiteouts(deleted, dirs) == [b"a/b/gone", b"top-gone"]
+    with beneath.opened_root(tmp_path) as fd:
+        made = into_bin.place_whiteouts(fd, [b"a/b/gone", b"top-gone"])
+    assert made == {b"a", b"a/b"}
+    for rel in ("a/b/gone", "top-gone"):
+        st = os.lstat(tmp_path / rel)
+        assert st.st_mode >> 12 == 0o02 and st.st_rdev == 0, rel  # a 0:0 character device
+
+
+def test_nothing_is_written_into_the_bin_through_a_symlink_there(tmp_path: Path) -> None:
+    """The bin is squashfu's own, but every write into it still resolves beneath its fd."""
+    from squashfu_fs.write import into_bin
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "d").symlink_to(outside)
+    with beneath.opened_root(tmp_path / "bin") as fd:
+        with pytest.raises(OSError):
+            into_bin.place_whiteouts(fd, [b"d/x"])
+        assert into_bin.mark_opaque(fd, [b"d"]) == 0
+        assert not into_bin.withdraw(fd, b"d/x")
+    assert os.listdir(outside) == []

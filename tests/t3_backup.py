@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -223,6 +225,66 @@ def test_manifest_sees_metadata_only_changes(tree: tuple[Path, Path], scratch: P
     with rolled_back(root, "latest", scratch / "mp") as mp:
         st = (mp / "docs" / "a.txt").stat()
         assert st.st_mode & 0o777 == 0o600 and os.getxattr(mp / "docs" / "a.txt", b"user.tag") == b"1"
+
+
+def logging_mount(scratch: Path) -> tuple[dict[str, str], Path]:
+    """A ``mount`` first on PATH that notes its arguments, then runs the real one."""
+    bindir, log = scratch / "bin", scratch / "mounts.log"
+    bindir.mkdir()
+    wrapper = bindir / "mount"
+    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\nexec {shutil.which('mount')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}, log
+
+
+def test_a_manifest_night_writes_straight_into_its_bin_and_mounts_no_layer(tree: tuple[Path, Path],
+                                                                          scratch: Path) -> None:
+    """With the manifest, the committed layers are not stacked: rsync writes the bin, whiteouts included."""
+    src, root = tree
+    env, log = logging_mount(scratch)
+    (src / "docs" / "a.txt").write_text("changed on tuesday\n")
+    (src / "docs" / "b.txt").unlink()
+    (src / "new" / "deep").mkdir(parents=True)
+    (src / "new" / "deep" / "c.txt").write_text("new\n")
+    proc = squashfu("-r", root, "backup", "-v", now="2026-11-03T02:00", env=env)
+    assert "written straight into the bin" in proc.stderr, proc.stderr
+    assert history(root)["bins"][-1]["compare"] == "manifest"
+    mounted = log.read_text().splitlines()
+    assert mounted and all("bins/1.sfs.tmp" in line for line in mounted), mounted  # only sealing's check
+    assert sorted(bin_entries(root, 1)) == [b"docs", b"docs/a.txt", b"docs/b.txt", b"new", b"new/deep",
+                                            b"new/deep/c.txt"]
+    with bin_opened(root, 1) as bin1:
+        st = os.lstat(bin1 / "docs" / "b.txt")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, "a whiteout, as overlayfs makes"
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert sorted(os.listdir(mp / "docs")) == ["a.txt"]
+        assert (mp / "docs" / "a.txt").read_text() == "changed on tuesday\n"
+        assert (mp / "new" / "deep" / "c.txt").read_text() == "new\n"
+    squashfu("-r", root, "backup", "--full", now="2026-11-04T02:00", env=env)
+    assert "-t overlay" in log.read_text(), "a full compare still goes through the union"
+
+
+def test_a_deletion_below_an_unchanged_directory_gets_that_directory_from_the_source(
+        tree: tuple[Path, Path], scratch: Path) -> None:
+    """A whiteout needs its directory in the bin: it gets the source's owner, mode, times and xattrs."""
+    src, root = tree
+    deep = src / "docs" / "sub"
+    deep.mkdir()
+    (deep / "x").write_text("x\n")
+    os.chown(deep, 1234, 5678)
+    os.chmod(deep, 0o750)
+    os.setxattr(deep, b"user.tag", b"kept")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    before = deep.stat()
+    (deep / "x").unlink()
+    os.utime(deep, ns=(before.st_atime_ns, before.st_mtime_ns))
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        st = (mp / "docs" / "sub").stat()
+        assert os.listdir(mp / "docs" / "sub") == []
+        seconds = before.st_mtime_ns // 10**9  # SquashFS keeps whole seconds
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_mtime_ns // 10**9) == (1234, 5678, 0o750, seconds)
+        assert os.getxattr(mp / "docs" / "sub", b"user.tag") == b"kept"
 
 
 def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path) -> None:

@@ -60,6 +60,30 @@ def test_a_sources_user_overlay_xattrs_are_data(scratch: Path) -> None:
             assert {"user.overlay.opaque", "user.overlay.redirect"} <= set(os.listxattr(top / "d")), how
 
 
+def test_a_sources_trusted_overlay_xattrs_set_on_a_manifest_night_hide_nothing(scratch: Path) -> None:
+    """A night written straight into its bin stores a source's own trusted.overlay.* escaped, as overlayfs does."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "old").write_text("from the seed\n")
+    (src / "f").write_text("a file\n")
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    os.setxattr(src / "d", "trusted.overlay.opaque", b"y")  # would hide d/old if stored as overlay's own
+    os.setxattr(src / "f", "trusted.overlay.redirect", b"/d")
+    (src / "d" / "new").write_text("from bin 1\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert history(root)["bins"][-1]["compare"] == "manifest"
+    with bin_opened(root, 1) as bin1:
+        assert os.getxattr(bin1 / "d", "trusted.overlay.overlay.opaque") == b"y", "stored escaped"
+        assert "trusted.overlay.opaque" not in os.listxattr(bin1 / "d")
+    assert not (root / "bins" / "1.opaque").exists()
+    with every_view(root, scratch, "2026-11-03", "tue") as views:
+        for how, top in views.items():
+            assert sorted(os.listdir(top / "d")) == ["new", "old"], how
+            assert os.getxattr(top / "d", "trusted.overlay.opaque") == b"y", how
+            assert os.getxattr(top / "f", "trusted.overlay.redirect") == b"/d", how
+
+
 def setcap(path: Path, caps: str) -> bytes:
     subprocess.run(["setcap", caps, path], check=True)
     return os.getxattr(path, CAP)

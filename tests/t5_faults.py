@@ -46,11 +46,16 @@ def crash(root: Path, checkpoint: str, *args: str, now: str, delay: float = 0.0)
     assert proc.returncode == -9, f"expected a SIGKILL at {checkpoint}, got {proc.returncode}: {proc.stderr}"
 
 
-def kill_mid_copy(root: Path, src: Path, now: str) -> None:
-    """kill -9 the backup's process group while rsync is half-way through writing a big file."""
+def kill_mid_copy(root: Path, src: Path, now: str, *, full: bool) -> None:
+    """kill -9 the backup's process group while rsync is half-way through writing a big file.
+
+    ``full``: rsync writes through the union; otherwise (a manifest night)
+    straight into the bin, with nothing mounted.
+    """
     (src / "big-new.bin").write_bytes(os.urandom(256 << 20))
     env = {**os.environ, "SQUASHFU_NOW": now}
-    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup", *(["--full"] if full else [])], env=env,
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = root / "bins" / ".partial-3"
     try:
@@ -62,7 +67,7 @@ def kill_mid_copy(root: Path, src: Path, now: str) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert mounts.is_mounted(root / "rw"), "the kill was meant to land while the union was mounted"
+    assert mounts.is_mounted(root / "rw") == full, "the kill was meant to land while the union was (not) mounted"
 
 
 def assert_intact(root: Path, expected: dict, scratch: Path) -> None:
@@ -88,13 +93,14 @@ def assert_clean(root: Path) -> None:
     assert not (root / ".staging").exists()
 
 
-@pytest.mark.parametrize("checkpoint", ["rsync-running", "after-rsync", "bin-renamed", "after-commit"])
+@pytest.mark.parametrize("checkpoint", ["rsync-running", "rsync-running-full", "after-rsync", "bin-renamed",
+                                        "after-commit"])
 def test_kill_during_a_nightly_backup(scratch: Path, checkpoint: str) -> None:
     src, root, expected = make_root(scratch, nights=3)
     before = history(root)
     mutate(os.fsencode(src), 3)
-    if checkpoint == "rsync-running":
-        kill_mid_copy(root, src, now="2026-11-05T02:00")
+    if checkpoint.startswith("rsync-running"):
+        kill_mid_copy(root, src, now="2026-11-05T02:00", full=checkpoint.endswith("full"))
     else:
         crash(root, checkpoint, "backup", now="2026-11-05T02:00")
     if checkpoint != "after-commit":  # the crash left debris and mounts, and committed nothing
@@ -249,11 +255,12 @@ def terminate_and_check(proc: subprocess.Popen[bytes], root: Path, before: dict)
     assert history(root) == before
 
 
-def test_sigterm_during_a_backup_takes_every_mount_down(scratch: Path) -> None:
+@pytest.mark.parametrize("full", [True, False], ids=["through-the-union", "straight-into-the-bin"])
+def test_sigterm_during_a_backup_takes_every_mount_down(scratch: Path, full: bool) -> None:
     src, root, _ = make_root(scratch, nights=1)
     before = history(root)
-    mutate(os.fsencode(src), 1)
-    terminate_and_check(backup_paused_in_rsync(root, pause=30), root, before)
+    mutate(os.fsencode(src), 2)  # night 1 changes nothing, and a manifest night would have nothing to copy
+    terminate_and_check(backup_paused_in_rsync(root, pause=30, full=full), root, before)
     assert not [p for p in (root / "bins").iterdir()], "the partial bin was left behind"
 
 
@@ -268,8 +275,8 @@ def test_sigterm_while_the_mount_command_runs_takes_the_mount_down(scratch: Path
     (slow / "mount").write_text('#!/bin/sh\n/usr/bin/mount "$@"; rc=$?; sleep 5; exit $rc\n')
     (slow / "mount").chmod(0o755)
     env = {**os.environ, "PATH": f"{slow}:{os.environ['PATH']}", "SQUASHFU_NOW": "2026-11-03T02:00"}
-    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup", "--full"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # a manifest night mounts nothing
     try:
         deadline = time.monotonic() + 20
         while not mounts.is_mounted(root / mount_point):

@@ -59,7 +59,8 @@ def backup_args(source: Path, target: Path, excludes: Sequence[str], *, dry_run:
     return [*args, _dir(source), _dir(target)]
 
 
-def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from: Path) -> list[str]:
+def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from: Path, *,
+                 into_bin: bool = False) -> list[str]:
     """The rsync command that copies just the listed paths (NUL-separated) into the union.
 
     A listed path deleted since the walk is skipped quietly, as a full rsync
@@ -67,9 +68,12 @@ def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from
     ``--ignore-times``: every listed path changed (its ctime moved), so rsync's
     quick check (same size and mtime means unchanged) must not skip it; a
     rewrite within the same second, or with its mtime put back, is copied.
+    ``into_bin``: ``target`` is a bin directory, not a union, so a source's
+    own ``trusted.overlay.*`` xattrs are left for squashfu to store escaped.
     """
     args = [require("rsync"), *PRESERVE, "--ignore-times", "--stats", f"--files-from={files_from}", "--from0",
-            "--ignore-missing-args", *_exclude_args(excludes)]
+            "--ignore-missing-args", *(["--filter=-x trusted.overlay.*"] if into_bin else []),
+            *_exclude_args(excludes)]
     return [*args, _dir(source), _dir(target)]
 
 

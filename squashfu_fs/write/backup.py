@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults
 from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.util.say import say
-from squashfu_fs.write import changes, unionfix
+from squashfu_fs.write import changes, into_bin, unionfix
 from squashfu_fs.write.excludes import Excludes
 from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_layer
 from squashfu_fs.write.retention import resquash
@@ -152,7 +153,8 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
         walked = walk_source(source_fd, excludes, log_file, verbose)
         try:
             result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file)
-            copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result)
+            copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result,
+                                     remove=_remove_from_union)
         except BaseException:
             recovery.remove(layout.staging)
             raise
@@ -173,15 +175,16 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
 
 
 def _copied_entries(source_fd: int, copy: Path, walked: changes.Scan, plan: changes.Changes | None,
-                    excludes: Excludes, result: rsync.RsyncResult) -> changes.Entries | None:
+                    excludes: Excludes, result: rsync.RsyncResult, *,
+                    remove: Callable[[int, bytes], bool]) -> changes.Entries | None:
     """What the backup now holds, as manifest entries; None when no manifest may be written.
 
     A manifest night re-checks the paths it gave rsync; a full night walks the
     source again. Paths that moved meanwhile are recorded as unknown, and so
-    is everything below one that ``copy`` (the union, or the staging layer)
-    does not hold as a directory. A moved path that the source no longer has
-    below real directories (a parent became a symlink) is deleted from the
-    copy: rsync opened it by name, maybe through that symlink, so what it read
+    is everything below one that ``copy`` (the union, the new bin, or the
+    staging layer) does not hold as a directory. A moved path that the source
+    no longer has below real directories (a parent became a symlink) is taken
+    out of the copy with ``remove``: rsync opened it by name, maybe through that symlink, so what it read
     may come from outside the source. See docs/commands.md, "the change manifest".
     """
     if result.status not in (rsync.OK, rsync.VANISHED) or not walked.trusted:
@@ -198,7 +201,7 @@ def _copied_entries(source_fd: int, copy: Path, walked: changes.Scan, plan: chan
     with beneath.opened_root(copy) as copy_fd:
         for rel in sorted(moved):
             if _below_a_non_directory(source_fd, rel):
-                _remove_from_union(copy_fd, rel)
+                remove(copy_fd, rel)
 
         def is_directory(rel: bytes) -> bool:
             try:
@@ -217,31 +220,27 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     start = time.monotonic()
     number = history.next_bin
     partial = layout.partial_bin(number)
-    source = Path(config.source)
     excludes = Excludes(config.excludes)
     with source_opened(config.source) as source_fd:
         walked = walk_source(source_fd, excludes, log_file, verbose)
         moved_fs = check_source(history, config.source, walked, allow_source_change)
         plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
                                                                                      walked)
+        straight = plan is not None and not plan.recheck
         say(verbose, f"backing up into bin {number}" + (
             f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
-            ": comparing the whole tree"))
+            ": comparing the whole tree") + (", written straight into the bin" if straight else
+                                             ", through a union of the committed layers"))
         partial.mkdir()
         try:
-            with layers_mounted(layout, history.seed, history.bins) as lowers, overlay_union(
-                    layout, lowers, upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
-                    beneath.opened_root(layout.rw) as union_fd:
-                deleted = 0
-                if plan is None:
-                    args = rsync.backup_args(source, layout.rw, config.excludes)
-                else:
-                    args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
-                result = rsync.run(args, log=log_file, progress=progress, label="backup")
-                (layout.work / f"changed-{number}").unlink(missing_ok=True)
-                result = _repair_acls(source_fd, union_fd, result, verbose)
-                fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
-                copied = _copied_entries(source_fd, layout.rw, walked, plan, excludes, result)
+            if straight:
+                assert plan is not None
+                result, copied, deleted = _write_into_bin(layout, config, plan, number, source_fd, walked,
+                                                          progress=progress, verbose=verbose, log_file=log_file)
+            else:
+                result, copied, deleted = _write_through_union(layout, history, config, plan, number, source_fd,
+                                                               walked, progress=progress, verbose=verbose,
+                                                               log_file=log_file)
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
@@ -268,6 +267,61 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
                                entries_before=last.source_entries or 0)
     return history, scan, result
+
+
+def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, number: int, source_fd: int,
+                    walked: changes.Scan, *, progress: bool, verbose: bool,
+                    log_file: Path) -> tuple[rsync.RsyncResult, changes.Entries | None, int]:
+    """rsync the changed paths straight into the new bin, and add what overlayfs would have.
+
+    No layer is mounted: the manifest already says what the committed state
+    holds at every path the night touches (docs/design.md, "A night written
+    straight into its bin"). Returns rsync's result, the manifest entries to
+    record, and how many entries the night deleted.
+    """
+    partial = layout.partial_bin(number)
+    with beneath.opened_root(partial) as bin_fd:
+        made = into_bin.place_whiteouts(bin_fd, into_bin.needing_whiteouts(plan.deleted, walked.dirs))
+        listed = sorted(set(plan.changed) | made)
+        listing = layout.work / f"changed-{number}"
+        listing.write_bytes(b"".join(rel + b"\0" for rel in listed))
+        args = rsync.changed_args(Path(config.source), partial, config.excludes, listing, into_bin=True)
+        result = rsync.run(args, log=log_file, progress=progress, label="backup")
+        listing.unlink(missing_ok=True)
+        into_bin.escape_overlay_xattrs(source_fd, bin_fd, listed)
+        into_bin.mark_opaque(bin_fd, plan.replaced)
+        result = _repair_acls(source_fd, bin_fd, result, verbose)
+        fix_union(source_fd, bin_fd, os.fsencode(partial), verbose)
+        copied = _copied_entries(source_fd, partial, walked, plan, Excludes(config.excludes), result,
+                                 remove=into_bin.withdraw)
+    return result, copied, plan.gone
+
+
+def _write_through_union(layout: RootLayout, history: History, config: Config, plan: changes.Changes | None,
+                         number: int, source_fd: int, walked: changes.Scan, *, progress: bool, verbose: bool,
+                         log_file: Path) -> tuple[rsync.RsyncResult, changes.Entries | None, int]:
+    """rsync into a union of every committed layer under the new bin: a full compare, or a manifest to re-check.
+
+    Returns rsync's result, the manifest entries to record, and how many
+    entries the night deleted (0 when rsync's own ``--delete`` counted them).
+    """
+    assert history.seed is not None
+    partial = layout.partial_bin(number)
+    with layers_mounted(layout, history.seed, history.bins) as lowers, overlay_union(
+            layout, lowers, upper=os.path.relpath(partial, layout.root), work=layout.work / str(number)), \
+            beneath.opened_root(layout.rw) as union_fd:
+        deleted = 0
+        if plan is None:
+            args = rsync.backup_args(Path(config.source), layout.rw, config.excludes)
+        else:
+            args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
+        result = rsync.run(args, log=log_file, progress=progress, label="backup")
+        (layout.work / f"changed-{number}").unlink(missing_ok=True)
+        result = _repair_acls(source_fd, union_fd, result, verbose)
+        fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
+        copied = _copied_entries(source_fd, layout.rw, walked, plan, Excludes(config.excludes), result,
+                                 remove=_remove_from_union)
+    return result, copied, deleted
 
 
 def _change_plan(layout: RootLayout, history: History, config: Config,

@@ -39,7 +39,7 @@ from squashfu_fs.util import beneath
 from squashfu_fs.util.durable import atomic_write
 from squashfu_fs.write.excludes import Excludes
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a signature carries the entry's file type
 # Filesystems whose ctime moves on every change (NFS, FUSE and others may not).
 TRUSTED_FSTYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "bcachefs", "jfs",
                              "reiserfs", "nilfs2"})
@@ -75,11 +75,24 @@ class Changes:
     deleted: list[bytes]  # topmost paths that are gone (a deleted directory, not its contents)
     gone: int = 0  # every path that is gone, contents included
     recheck: list[bytes] = field(default_factory=list)  # directories to list in the union (see compare)
+    replaced: list[bytes] = field(default_factory=list)  # directories where the committed state has a non-directory
 
 
 def signature(st: os.stat_result) -> int:
-    """One int per path that changes whenever anything rsync copies changes."""
-    return (st.st_ino << 128) | ((st.st_size & (2**64 - 1)) << 64) | (st.st_ctime_ns & (2**64 - 1))
+    """One int per path that changes whenever anything rsync copies changes.
+
+    It also carries the entry's file type, so that a night writing straight
+    into its bin knows what the committed state held at a path.
+    """
+    return ((((st.st_ino << 4) | stat.S_IFMT(st.st_mode) >> 12) << 128) | ((st.st_size & (2**64 - 1)) << 64)
+            | (st.st_ctime_ns & (2**64 - 1)))
+
+
+def was_directory(sig: int | None) -> bool | None:
+    """Whether the entry a signature describes was a directory; None when it is not known."""
+    if sig is None or sig == UNKNOWN:
+        return None
+    return (sig >> 128) & 0xF == stat.S_IFDIR >> 12
 
 
 def walk(source: bytes, excludes: Excludes) -> Scan:
@@ -142,7 +155,8 @@ def compare(old: Entries, new: Entries, dirs: frozenset[bytes] = frozenset()) ->
     ``recheck`` lists the directories of ``new`` (``dirs``) that ``old`` could
     not vouch for: while the last backup's rsync ran they changed, so the
     backup's copy may hold names neither walk saw. Their listing in the union
-    is compared with tonight's walk.
+    is compared with tonight's walk. ``replaced`` lists the directories of
+    ``new`` that were something else in the committed state.
     """
     changed = sorted(path for path, sig in new.items() if old.get(path) != sig)
     gone = sorted(path for path in old if path not in new)
@@ -152,7 +166,8 @@ def compare(old: Entries, new: Entries, dirs: frozenset[bytes] = frozenset()) ->
             continue
         deleted.append(path)
     recheck = sorted(path for path, sig in old.items() if sig == UNKNOWN and path in dirs)
-    return Changes(changed, deleted, len(gone), recheck)
+    replaced = [path for path in changed if path in dirs and was_directory(old.get(path)) is False]
+    return Changes(changed, deleted, len(gone), recheck, replaced)
 
 
 def moved_since(entries: Entries, top: int, paths: Iterable[bytes]) -> set[bytes]:
