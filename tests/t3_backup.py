@@ -287,6 +287,28 @@ def test_a_deletion_below_an_unchanged_directory_gets_that_directory_from_the_so
         assert os.getxattr(mp / "docs" / "sub", b"user.tag") == b"kept"
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["manifest", "full"])
+def test_the_top_directory_keeps_its_owner_and_mode_on_a_night_it_did_not_change(scratch: Path,
+                                                                                 full: bool) -> None:
+    """A source whose top is private stays private in every view, even when only a deep file changed."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_text("monday\n")
+    os.chown(src, 1234, 5678)
+    os.chmod(src, 0o700)
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    top = src.stat()
+    (src / "a" / "b" / "f").write_text("tuesday\n")
+    assert src.stat().st_ctime_ns == top.st_ctime_ns, "the top itself did not change tonight"
+    squashfu("-r", root, "backup", *(["--full"] if full else []), now="2026-11-03T02:00")
+    with rolled_back(root, "latest", scratch / "mp") as mp, fuse_mounted(root, scratch / "fs") as fs:
+        for how, view in (("rollback", mp), ("fuse", fs / "2026-11-03")):
+            st = view.stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o700), how
+            assert (view / "a" / "b" / "f").read_text() == "tuesday\n", how
+
+
 def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path) -> None:
     """The changed list can name a file that is gone by the time rsync looks: skip it quietly."""
     from squashfu_fs.engines import rsync

@@ -241,6 +241,9 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                 result, copied, deleted = _write_through_union(layout, history, config, plan, number, source_fd,
                                                                walked, progress=progress, verbose=verbose,
                                                                log_file=log_file)
+            if plan is not None:  # rsync saw the top only if it changed, but the bin's top is every view's top
+                with beneath.opened_root(partial) as bin_fd:
+                    into_bin.copy_top(source_fd, bin_fd)
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
