@@ -123,6 +123,16 @@ def test_view_names_dates_weekdays_latest_and_seed() -> None:
     assert t.resolve("2026-11-02").bins == (1,)
 
 
+def test_every_backup_is_a_snapshot_even_two_on_one_day() -> None:
+    h = make_history(["2026-11-01T02:00:00+00:00", "2026-11-03T02:00:00+00:00", "2026-11-03T14:00:00+00:00",
+                      "2026-11-03T14:00:00+00:00"])
+    t = views.ViewTable.from_history(h)
+    assert list(t.snapshots) == ["2026-11-01T02:00:00", "2026-11-03T02:00:00", "2026-11-03T14:00:00",
+                                 "2026-11-03T14:00:00-2"]
+    assert t.resolve("2026-11-03T02:00:00").bins == (1,), "the morning backup the dated view hides"
+    assert t.snapshots["2026-11-01T02:00:00"].bins == () and t.resolve("2026-11-03T14:00:00-2").bins == (3, 2, 1)
+
+
 def test_unknown_view_lists_the_valid_ones() -> None:
     t = views.ViewTable.from_history(make_history(["2026-11-01T02:00:00+00:00"]))
     with pytest.raises(UnknownViewError, match=r"'wed'; valid views: 2026-11-01, sun, latest, seed"):

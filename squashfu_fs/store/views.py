@@ -7,7 +7,7 @@ same day everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from squashfu_fs.errors import UnknownViewError
@@ -39,11 +39,12 @@ class ViewTable:
     dated: dict[str, ViewSpec]  # "YYYY-MM-DD" -> state, oldest first
     links: dict[str, str]  # "mon".."sun", "latest" -> a dated name
     seed: ViewSpec | None
+    snapshots: dict[str, ViewSpec] = field(default_factory=dict)  # every backup, "YYYY-MM-DDTHH:MM:SS", oldest first
 
     @classmethod
     def from_history(cls, history: History) -> ViewTable:
         if history.seed is None:
-            return cls(dated={}, links={}, seed=None)
+            return cls(dated={}, links={}, seed=None, snapshots={})
         seed = ViewSpec(SEED, (), history.seed.when)
         states = [seed]
         stack: list[int] = []
@@ -58,7 +59,11 @@ class ViewTable:
         for name, state in dated.items():
             links[WEEKDAYS[state.time.weekday()]] = name
         links[LATEST] = next(reversed(dated))
-        return cls(dated=dated, links=links, seed=seed)
+        snapshots: dict[str, ViewSpec] = {}
+        for state in states:
+            name = unique(snapshot_name(state.time), snapshots)
+            snapshots[name] = ViewSpec(name, state.bins, state.time)
+        return cls(dated=dated, links=links, seed=seed, snapshots=snapshots)
 
     def names(self) -> list[str]:
         """Every name, in the order the root of the filesystem lists them."""
@@ -77,6 +82,8 @@ class ViewTable:
         target = self.links.get(name.lower(), name)
         if target in self.dated:
             return self.dated[target]
+        if name in self.snapshots:
+            return self.snapshots[name]
         valid = ", ".join(self.names()) or "none: the root has no backup yet"
         raise UnknownViewError(f"unknown view {name!r}; valid views: {valid}")
 
@@ -84,3 +91,18 @@ class ViewTable:
 def date_name(when: datetime) -> str:
     """The dated view name of a backup time (its local calendar date)."""
     return when.strftime("%Y-%m-%d")
+
+
+def snapshot_name(when: datetime) -> str:
+    """The name of one backup among ``snapshots/``: its local time to the second."""
+    return when.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def unique(name: str, taken: dict[str, ViewSpec]) -> str:
+    """``name``, or ``name-2``, ``name-3``... for backups committed within the same second."""
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name}-{n}" in taken:
+        n += 1
+    return f"{name}-{n}"
