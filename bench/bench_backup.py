@@ -4,7 +4,7 @@
 Same source, same nightly change (1% of the files rewritten), both run each
 round in alternating order; prints per-round times, medians and the ratio.
 squashfu runs with ``-v`` and its lines are stamped, so each night is split
-into walk, union and sealing (see ``timed_backup``) and the share of the night
+into walk, copy and sealing (see ``timed_backup``) and the share of the night
 spent sealing is reported; ``--no-seal`` sets ``seal = false`` for a
 comparison, ``--mounted`` keeps ``squashfu mount`` of the root running.
 Run as root: `make bench` or `.venv/bin/python bench/bench_backup.py --files 100000`.
@@ -57,8 +57,9 @@ def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str,
     stderr is read as it is written (``say`` flushes each line), so each line
     is stamped when squashfu said it. Phases: ``walk`` (start to "backing up
     into bin": start-up, lock, recovery, the source walk and the manifest),
-    ``union`` (to "committed bin": mounting the layers, rsync, repairs, the
-    commit), ``sealing`` ("sealing bin" to "sealed bin").
+    ``copy`` (to "committed bin": rsync straight into the bin, or through a
+    union of the layers on a full night, repairs, the commit), ``sealing``
+    ("sealing bin" to "sealed bin").
     """
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -76,7 +77,7 @@ def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str,
         raise subprocess.CalledProcessError(proc.returncode, argv)
     total = time.perf_counter() - start
     walked = stamps.get("backing up into bin", 0.0)
-    phases = {"walk": walked, "union": stamps.get("committed bin", walked) - walked,
+    phases = {"walk": walked, "copy": stamps.get("committed bin", walked) - walked,
               "sealing": stamps.get("sealed bin", 0.0) - stamps.get("sealing bin", 0.0)}
     return total, phases
 
@@ -147,8 +148,8 @@ def nights(args: argparse.Namespace, paths: list[Path], rng: random.Random, root
         ours.append(times["squashfu"])
         theirs.append(times["rsync"])
         sealing.append(phases["sealing"])
-        unions.append(phases["union"])
-        print(f"night {n}: squashfu {times['squashfu']:.3f} s (walk {phases['walk']:.3f}, union {phases['union']:.3f}, "
+        unions.append(phases["copy"])
+        print(f"night {n}: squashfu {times['squashfu']:.3f} s (walk {phases['walk']:.3f}, copy {phases['copy']:.3f}, "
               f"sealing {phases['sealing']:.3f} s), "
               f"rsync {times['rsync']:.3f} s, ratio {times['squashfu'] / times['rsync']:.2f}", flush=True)
     mo, mt, ms = statistics.median(ours), statistics.median(theirs), statistics.median(sealing)
@@ -162,7 +163,8 @@ def nights(args: argparse.Namespace, paths: list[Path], rng: random.Random, root
     rest = statistics.median(o - s for o, s in zip(ours, sealing, strict=True))
     print(f"sealing, median of {args.rounds}: {ms:.3f} s, {ms / mo:.0%} of squashfu's median night; "
           f"the night without it: median {rest:.3f} s, ratio {rest / mt:.2f}")
-    print(f"mounting the layers, rsync into the union and committing, median: {statistics.median(unions):.3f} s")
+    print(f"copying (rsync into the bin, or the union on a full night) and committing, median: "
+          f"{statistics.median(unions):.3f} s")
 
 
 if __name__ == "__main__":
