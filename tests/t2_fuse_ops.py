@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from squashfu_fs.read.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
-from squashfu_fs.read.vfs import ROOT_INO, Vfs
+from squashfu_fs.read.vfs import ROOT_INO, SNAPSHOTS_INO, Vfs
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.history import SEALED_FORMAT, Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
@@ -154,7 +154,7 @@ def test_root_lists_every_view_and_builds_nothing(tmp_path: Path) -> None:
     ops, vfs, _ = World(tmp_path).ops()
     entries = listdir(ops, ROOT_INO)
     names = [n for n, _, _ in entries]
-    assert names == [b"2026-11-02", b"2026-11-03", b"mon", b"tue", b"latest", b"seed"]
+    assert names == [b"2026-11-02", b"2026-11-03", b"mon", b"tue", b"latest", b"seed", b"snapshots"]
     for name, attr, _ in entries:
         assert attr.entry_timeout == ROOT_TIMEOUT
         kind = stat.S_IFMT(attr.st_mode)
@@ -165,6 +165,48 @@ def test_root_lists_every_view_and_builds_nothing(tmp_path: Path) -> None:
     run(ops.getattr, ROOT_INO, None)
     assert vfs.counters.stacks_built == 0 and vfs.counters.listings_built == 0
     assert run(ops.lookup, ROOT_INO, b"2026-11-04", None).st_ino == 0
+
+
+def test_snapshots_holds_every_backup_as_a_view_of_its_own(tmp_path: Path) -> None:
+    """Two backups on one day: the dated view shows the later, snapshots/ both; no directory has two names."""
+    world = World(tmp_path)
+    b2 = world.add_bin(2)
+    (b2 / "home" / "alice").mkdir(parents=True)
+    (b2 / "home" / "alice" / "a.txt").write_text("night 1, afternoon\n")
+    world.history = world.history.with_bin(Bin(2, world.history.bins[0].time.replace("T02:", "T14:"), 1.0, 0, 0, 0))
+    world.save()
+    ops, vfs, rec = world.ops()
+    snapshots = lookup_path(ops, b"snapshots")
+    assert stat.S_ISDIR(snapshots.st_mode) and snapshots.entry_timeout == ROOT_TIMEOUT
+    names = [n for n, _, _ in listdir(ops, snapshots.st_ino)]
+    morning, afternoon = names[1:]
+    assert names[0].endswith(b"T02:00:00") and morning[:10] == afternoon[:10] == b"2026-11-03", names
+    assert vfs.counters.stacks_built == 0, "listing snapshots/ builds no view"
+
+    def read(path: bytes) -> bytes:
+        attr = lookup_path(ops, path)
+        fh = run(ops.open, attr.st_ino, os.O_RDONLY, None).fh
+        try:
+            data: bytes = run(ops.read, fh, 0, 4096)
+            return data
+        finally:
+            run(ops.release, fh)
+
+    assert read(b"snapshots/" + morning + b"/home/alice/a.txt") == b"night 1 a\n"
+    assert read(b"snapshots/" + afternoon + b"/home/alice/a.txt") == b"night 1, afternoon\n"
+    assert read(b"2026-11-03/home/alice/a.txt") == b"night 1, afternoon\n"
+    assert read(b"snapshots/" + names[0] + b"/home/alice/a.txt") == b"seed a\n"
+    dated = {lookup_path(ops, b"2026-11-03").st_ino, lookup_path(ops, b"2026-11-03/home").st_ino}
+    again = {lookup_path(ops, b"snapshots/" + afternoon + path).st_ino for path in (b"", b"/home")}
+    assert not dated & again, "the same state under two names must not share directory inodes"
+    world.add_bin(3)
+    world.commit(3, 2)
+    rec.entries.clear()
+    vfs.refresh()
+    ops.flush_invalidations()
+    new = [n for n, _, _ in listdir(ops, snapshots.st_ino)][-1]
+    assert new.startswith(b"2026-11-04") and (SNAPSHOTS_INO, new) in rec.entries, rec.entries
+    assert SNAPSHOTS_INO in rec.inodes and (SNAPSHOTS_INO, afternoon) not in rec.entries, "the others stay"
 
 
 def test_lookup_inside_a_view_builds_its_stack_once(tmp_path: Path) -> None:

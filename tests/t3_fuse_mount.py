@@ -177,7 +177,8 @@ def test_every_view_equals_the_kernel_overlay(made: HandMade, scratch: Path) -> 
     table = ViewTable.from_history(made.history)
     with mounted(made.root, scratch / "mp") as mp:
         names = sorted(os.listdir(mp))
-        assert names == sorted(table.names())
+        assert names == sorted([*table.names(), "snapshots"])
+        assert sorted(os.listdir(mp / "snapshots")) == list(table.snapshots)
         assert len(table.dated) == 8 and set(table.links) >= {"mon", "tue", "wed", "thu", "fri", "sat", "sun"}
         for link, target in table.links.items():
             assert os.readlink(mp / link) == target
@@ -198,6 +199,11 @@ def test_every_view_equals_the_kernel_overlay(made: HandMade, scratch: Path) -> 
                 top_k, top_f = os.stat(kernel), os.stat(fuse_view)
                 assert (top_k.st_mode, top_k.st_uid, top_k.st_mtime_ns) == (
                     top_f.st_mode, top_f.st_uid, top_f.st_mtime_ns)
+            same = [n for n, spec in table.snapshots.items() if spec.bins == table.resolve(name).bins]
+            assert same, f"{name} is no backup's state"
+            for snap in same:  # snapshots/ shows the same state, attribute for attribute
+                assert fullstat(os.fsencode(mp / "snapshots" / snap)) == fullstat(fuse_view), snap
+                assert not differences(snapshot(os.fsencode(mp / "snapshots" / snap)), got), snap
             assert len(got[0]) > 100
         # weekday links and latest lead into the same trees as the dated names
         assert snapshot(os.fsencode(mp / "latest")) == snapshot(os.fsencode(mp / table.links["latest"]))
@@ -413,7 +419,7 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
             images = 1 + sum(layers.sealed(b) for b in made.history.bins)  # each image mounted once
             assert len(seeds) == images and all(m.startswith(os.fsencode(private)) for m in seeds), seeds
             table = ViewTable.from_history(made.history)
-            assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted(table.names())
+            assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted([*table.names(), "snapshots"])
             for name in ["seed", *table.dated]:
                 with made.kernel_view(name) as kernel:
                     want, got = listing_as_nobody(kernel), listing_as_nobody(mp / name)

@@ -18,7 +18,7 @@ import pytest
 
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.history import load
-from squashfu_fs.store.views import ViewTable
+from squashfu_fs.store.views import ViewTable, snapshot_name
 
 from .harness import bin_entries, committed_bins, fuse_mounted, history, rollback_snapshot, sealed, squashfu
 from .treegen import build_initial, differences, mutate, snapshot
@@ -127,6 +127,8 @@ def test_the_mounted_history_follows_every_night_without_a_remount(scratch: Path
     times = nights(20)
     squashfu("-r", root, "backup", now=times[0].isoformat())
     expected = {times[0].strftime("%Y-%m-%d"): snapshot(os.fsencode(src))}
+    every = {snapshot_name(times[0]): expected[times[0].strftime("%Y-%m-%d")]}  # snapshots/, one per backup
+    same_day_checked = False
     with fuse_mounted(root, mp):
         held = open(mp / "latest" / "big.bin", "rb")  # noqa: SIM115 - kept open across resquashes
         try:
@@ -144,6 +146,14 @@ def test_the_mounted_history_follows_every_night_without_a_remount(scratch: Path
                     time.sleep(0.05)
                 got = snapshot(os.fsencode(mp / day))
                 assert not differences(expected[day], got), f"night {night}: {differences(expected[day], got)}"
+                every[snapshot_name(when)] = expected[day]
+                got = snapshot(os.fsencode(mp / "snapshots" / snapshot_name(when)))
+                assert not differences(expected[day], got), f"snapshots/ {night}: {differences(expected[day], got)}"
+                earlier = snapshot_name(times[night - 1])
+                if earlier[:10] == day:  # a second backup today: the first is still reachable, as it was
+                    got = snapshot(os.fsencode(mp / "snapshots" / earlier))
+                    assert not differences(every[earlier], got), f"{earlier}: {differences(every[earlier], got)}"
+                    same_day_checked = True
             held.seek(0)
             assert held.read(4096) == first_bytes, "a file opened before the resquashes stopped reading"
         finally:
@@ -154,6 +164,11 @@ def test_the_mounted_history_follows_every_night_without_a_remount(scratch: Path
         for day in shown:  # every day still in the history, read through the one long-lived mount
             got = snapshot(os.fsencode(mp / day))
             assert not differences(expected[day], got), f"{day}: {differences(expected[day], got)}"
+        kept = list(ViewTable.from_history(load(root / "history.json")).snapshots)
+        assert sorted(os.listdir(mp / "snapshots")) == kept and same_day_checked
+        for name in kept:  # every backup still in the history, the one the same day's later backup hides too
+            got = snapshot(os.fsencode(mp / "snapshots" / name))
+            assert not differences(every[name], got), f"snapshots/{name}: {differences(every[name], got)}"
 
 
 def test_a_resquash_waits_for_mounted_views_before_deleting_bins(scratch: Path) -> None:

@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from squashfu_fs.overlay import Entry
-from squashfu_fs.read.vfs import ROOT_INO, RootChange, Usage, Vfs, View
+from squashfu_fs.read.vfs import NAME_DIRS, ROOT_INO, SNAPSHOTS_INO, RootChange, Usage, Vfs, View
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class FuseOps(pyfuse3.Operations):
         """A new history: drop the kernel's root entries now, attributes from housekeeping."""
         for name in change.names:
             self.notifier.invalidate_entry(ROOT_INO, name)
+        for name in change.snapshots:
+            self.notifier.invalidate_entry(SNAPSHOTS_INO, name)
         self._pending.append(change)
 
     def flush_invalidations(self) -> None:
@@ -253,7 +255,7 @@ class FuseOps(pyfuse3.Operations):
         with _translate("lookup"):
             found = self.vfs.lookup(parent_inode, name)
             if found is None:
-                return self._negative[ROOT_TIMEOUT if parent_inode == ROOT_INO else VIEW_TIMEOUT]
+                return self._negative[ROOT_TIMEOUT if parent_inode in NAME_DIRS else VIEW_TIMEOUT]
             return self._attr(*found)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -305,7 +307,7 @@ class FuseOps(pyfuse3.Operations):
         with _translate("opendir"):
             items = self.vfs.listing(inode)
             views: list[View | None] = []
-            if inode == ROOT_INO:
+            if inode in NAME_DIRS:
                 views = [self.vfs.view_of_root(ino) for _, ino, _ in items]
             fh = self._next_dir
             self._next_dir += 1
@@ -316,7 +318,7 @@ class FuseOps(pyfuse3.Operations):
         with _translate("readdir"):
             parent, items, views = self._dirs[fh]
             vfs = self.vfs
-            view = None if parent == ROOT_INO else vfs.node(parent).view
+            view = None if parent in NAME_DIRS else vfs.node(parent).view
             reply = self.readdir_reply
             for i in range(start_id, len(items)):
                 name, ino, entry = items[i]

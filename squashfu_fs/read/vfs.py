@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 LINK_INOS = {name: i for i, name in enumerate((*WEEKDAYS, LATEST), start=2)}
+SNAPSHOTS_INO = max(LINK_INOS.values()) + 1  # snapshots/: one view per committed backup
+SNAPSHOTS = b"snapshots"
+NAME_DIRS = frozenset({ROOT_INO, SNAPSHOTS_INO})  # directories whose entries are views and links
 VIEW_SHIFT = 44
 LAYER_SHIFT = 34
 _VIEW_LIMIT = 1 << (64 - VIEW_SHIFT)
@@ -146,8 +149,9 @@ class Listing:
 class RootChange:
     """What a history reload changed in the root, for the kernel's caches."""
 
-    names: list[bytes] = field(default_factory=list)  # entries to invalidate
+    names: list[bytes] = field(default_factory=list)  # entries of the root to invalidate
     inodes: list[int] = field(default_factory=list)  # inodes whose attributes changed
+    snapshots: list[bytes] = field(default_factory=list)  # entries of snapshots/ to invalidate
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ class Vfs:
         self.views: dict[tuple[object, ...], View] = {}  # current views, by key
         self.by_id: dict[int, View] = {}  # every view still alive (current or retired)
         self.root_items: list[tuple[bytes, int, Entry]] = []
+        self.snapshot_items: list[tuple[bytes, int, Entry]] = []
         self._next_view = 1
         self._fallback: dict[tuple[int, int, int, int], int] = {}
         self._seed_refs: dict[str, int] = {}
@@ -206,6 +211,8 @@ class Vfs:
         self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2)
         self.nodes[ROOT_INO] = Node(ROOT_INO, None, Entry(self.root_st, ()))
         self.nodes[ROOT_INO].nlookup = 1 << 62  # never forgotten
+        self.nodes[SNAPSHOTS_INO] = Node(SNAPSHOTS_INO, None, Entry(Stat(stat.S_IFDIR | 0o555, st_nlink=2), ()))
+        self.nodes[SNAPSHOTS_INO].nlookup = 1 << 62
 
     # ----------------------------------------------------------------- history
 
@@ -267,6 +274,7 @@ class Vfs:
     def _install(self, new: History, mtime_ns: int) -> RootChange:
         self.counters.reloads += 1
         old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
+        old_snapshots = {name: ino for name, ino, _ in self.snapshot_items}
         old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
         if new.seed is not None:
             self._current_seed = new.seed.file
@@ -298,6 +306,16 @@ class Vfs:
             spec = self.table.resolve(name)
             view = self._view_for(name, spec, fresh)
             items.append((name.encode(), view.root_ino, self._root_entry(view)))
+        snapshots = []
+        for name, spec in self.table.snapshots.items():
+            view = self._view_for(name, spec, fresh, snapshot=True)
+            snapshots.append((name.encode(), view.root_ino, self._root_entry(view)))
+        if snapshots:
+            t = mtime_ns
+            listing_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2 + len(snapshots), st_atime_ns=t, st_mtime_ns=t,
+                              st_ctime_ns=t)
+            self.nodes[SNAPSHOTS_INO].entry = Entry(listing_st, ())
+            items.append((SNAPSHOTS, SNAPSHOTS_INO, self.nodes[SNAPSHOTS_INO].entry))
         retired = False
         for key, view in self.views.items():
             if key not in fresh:
@@ -307,11 +325,15 @@ class Vfs:
             self._to_drop += [ino for ino, node in self.nodes.items() if node.view is not None and node.view.retired]
         self.views = fresh
         self.root_items = items
+        self.snapshot_items = snapshots
         dirs = sum(1 for _, _, e in items if e.is_dir)
         self.root_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2 + dirs, st_atime_ns=mtime_ns,
                             st_mtime_ns=mtime_ns, st_ctime_ns=mtime_ns)
         self.nodes[ROOT_INO].entry = Entry(self.root_st, ())
-        change = RootChange(inodes=[ROOT_INO])
+        change = RootChange(inodes=[ROOT_INO, SNAPSHOTS_INO])
+        new_snapshots = {name: ino for name, ino, _ in snapshots}
+        change.snapshots = sorted(n for n in set(old_snapshots) | set(new_snapshots)
+                                  if old_snapshots.get(n) != new_snapshots.get(n))
         new_items = {name: ino for name, ino, _ in items}
         for item in set(old_items) | set(new_items):
             before = old_items[item][0] if item in old_items else None
@@ -324,12 +346,20 @@ class Vfs:
         change.names.sort()
         return change
 
-    def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View]) -> View:
+    def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View], *,
+                  snapshot: bool = False) -> View:
+        """The view showing ``spec``: the current one if its layers did not change, else a new one.
+
+        ``seed`` and each ``snapshots/`` entry are views of their own even when
+        a dated view shows the same state: one directory inode must not have
+        two names, or the kernel would move its dentry back and forth.
+        """
         assert self._current_seed is not None
         bins = [self.history.bin(n) for n in spec.bins]
         images = _image_names(self.layout, bins)
         # A bin sealed since is another view: the old one keeps reading the directory until it retires.
-        key: tuple[object, ...] = (name == SEED, spec.bins, self._current_seed, tuple(sorted(images)))
+        space = "snapshot" if snapshot else "seed" if name == SEED else "dated"
+        key: tuple[object, ...] = (space, spec.bins, self._current_seed, tuple(sorted(images)))
         view = self.views.get(key) or fresh.get(key)
         if view is None:
             if self._next_view >= _VIEW_LIMIT:
@@ -491,8 +521,8 @@ class Vfs:
 
     def lookup(self, parent: int, name: bytes) -> tuple[int, Entry] | None:
         """Resolve ``name`` in directory ``parent`` and count the reference; None if absent."""
-        if parent == ROOT_INO:
-            for item_name, ino, entry in self.root_items:
+        if parent in NAME_DIRS:
+            for item_name, ino, entry in self.root_items if parent == ROOT_INO else self.snapshot_items:
                 if item_name == name:
                     view = self.view_of_root(ino)
                     self.remember(ino, view, entry, parent, name)
@@ -523,6 +553,8 @@ class Vfs:
         """A directory's merged entries in a fixed order (offset = index + 1)."""
         if ino == ROOT_INO:
             return self.root_items
+        if ino == SNAPSHOTS_INO:
+            return self.snapshot_items
         node = self.nodes[ino]
         view = node.view
         if view is None:
