@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config squashfuse attr acl e2fsprogs libcap2-bin python3-venv
+APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config patch gcc python3-dev squashfuse attr acl e2fsprogs libcap2-bin python3-venv
 
 .PHONY: install system-packages demo test lint bench clean
 
@@ -17,9 +17,10 @@ system-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml contrib/pyfuse3/build.sh contrib/pyfuse3/cache-symlinks.patch
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	bash contrib/pyfuse3/build.sh $(PY)  # pyfuse3 with symlink caching, before pip picks the plain one
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

@@ -271,6 +271,38 @@ def test_eight_parallel_readers_agree(made: HandMade, scratch: Path) -> None:
             assert not differences(want, results[i]), (name, differences(want, results[i]))
 
 
+def test_the_kernel_keeps_latest_target_instead_of_asking_the_daemon(tmp_path: Path, scratch: Path) -> None:
+    """A path through `latest` must not cost a readlink round trip each time: the daemon is stopped, it still resolves.
+
+    Needs pyfuse3 built with contrib/pyfuse3/cache-symlinks.patch (``make install`` does it).
+    """
+    import pyfuse3._pyfuse3
+
+    assert getattr(pyfuse3._pyfuse3, "symlink_caching", False), "pyfuse3 without symlink caching: run make install"
+    h = HandMade(tmp_path)
+    times = night_times(2)
+    h.make_seed(times[0])
+    h.add_night(2, times[1])
+    with mounted(h.root, scratch / "mp") as mp:
+        assert os.readlink(mp / "latest") == "2026-11-03"
+        os.stat(mp / "latest" / "home")  # every name on the way is now in the kernel's caches
+        pid = daemon_pid(mp)
+        assert pid is not None
+        answers: list[object] = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            probe = threading.Thread(target=lambda: answers.append((os.readlink(mp / "latest"),
+                                                                     os.stat(mp / "latest" / "home").st_ino)))
+            probe.start()
+            probe.join(10)
+            blocked = probe.is_alive()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        probe.join(30)
+        assert not blocked, "resolving latest/ waited for the daemon: its target is not cached"
+        assert answers and answers[0] == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
+
+
 def test_a_new_commit_appears_within_two_seconds(tmp_path: Path, scratch: Path) -> None:
     h = HandMade(tmp_path)
     times = night_times(3)

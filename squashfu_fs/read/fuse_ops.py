@@ -3,7 +3,7 @@
 It only translates: inode numbers and entries to ``EntryAttributes``, listings
 to ``readdir_reply``, real file descriptors to reads, Python errors to
 ``FUSEError``. Everything in a view is immutable, so its entries, attributes
-and pages are cached by the kernel for a day; the root's names live a second
+and pages are cached by the kernel for a day; the root's names live a minute
 and are invalidated when the history changes.
 
 Request handlers never mount, unmount or reload: :meth:`FuseOps.tick`
@@ -29,7 +29,9 @@ from squashfu_fs.read.vfs import NAME_DIRS, ROOT_INO, SNAPSHOTS_INO, RootChange,
 
 log = logging.getLogger(__name__)
 
-ROOT_TIMEOUT = 1.0  # the root's names change when a backup commits
+# The root's names change when a backup commits; every change is invalidated explicitly
+# (Vfs.install -> _root_changed), so the timeout only bounds the damage of a lost notification.
+ROOT_TIMEOUT = 60.0
 VIEW_TIMEOUT = 86400.0  # committed bins never change
 HOUSEKEEPING_INTERVAL = 0.5
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
@@ -152,6 +154,11 @@ class FuseOps(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_acl = True  # the kernel caches POSIX ACLs and enforces them
+    # Asks for FUSE_CAP_CACHE_SYMLINKS, so the kernel keeps `latest`'s target instead of asking
+    # on every path through it (docs/filesystem.md). Read by pyfuse3 built with
+    # contrib/pyfuse3/cache-symlinks.patch (`make install`); plain pyfuse3 ignores it. Root
+    # links that move are invalidated, which drops the cached target.
+    enable_symlink_caching = True
 
     def __init__(self, vfs: Vfs, notifier: Notifier | None = None) -> None:
         super().__init__()
