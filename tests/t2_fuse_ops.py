@@ -154,7 +154,7 @@ def test_root_lists_every_view_and_builds_nothing(tmp_path: Path) -> None:
     ops, vfs, _ = World(tmp_path).ops()
     entries = listdir(ops, ROOT_INO)
     names = [n for n, _, _ in entries]
-    assert names == [b"2026-11-02", b"2026-11-03", b"mon", b"tue", b"latest", b"seed", b"snapshots"]
+    assert names == [b"2026-11-02", b"2026-11-03", b"mon", b"tue", b"latest", b"seed", b"versions", b"snapshots"]
     for name, attr, _ in entries:
         assert attr.entry_timeout == ROOT_TIMEOUT
         kind = stat.S_IFMT(attr.st_mode)
@@ -207,6 +207,37 @@ def test_snapshots_holds_every_backup_as_a_view_of_its_own(tmp_path: Path) -> No
     new = [n for n, _, _ in listdir(ops, snapshots.st_ino)][-1]
     assert new.startswith(b"2026-11-04") and (SNAPSHOTS_INO, new) in rec.entries, rec.entries
     assert SNAPSHOTS_INO in rec.inodes and (SNAPSHOTS_INO, afternoon) not in rec.entries, "the others stay"
+
+
+def test_versions_lists_every_version_of_a_file_named_by_its_snapshot(tmp_path: Path) -> None:
+    """versions/PATH/ holds one entry per backup that wrote PATH, deleted files and opaque directories included."""
+    ops, _, _ = World(tmp_path).ops()
+    seed, night1 = (n for n, _, _ in listdir(ops, lookup_path(ops, b"snapshots").st_ino))
+    top = lookup_path(ops, b"versions")
+    assert stat.S_ISDIR(top.st_mode) and top.entry_timeout == ROOT_TIMEOUT
+    assert sorted(n for n, _, _ in listdir(ops, top.st_ino)) == sorted(
+        [b"caf\xe9\nname", b"dir", b"hard1", b"hard2", b"home", b"link"])
+    a = lookup_path(ops, b"versions/home/alice/a.txt")
+    assert stat.S_ISDIR(a.st_mode) and stat.S_IMODE(a.st_mode) == 0o555, "a file's read bits, as r-x"
+    versions = listdir(ops, a.st_ino)
+    assert [n for n, _, _ in versions] == [seed + b".txt", night1 + b".txt"], "name order is time order"
+
+    def read(attr: Any) -> bytes:
+        fi = run(ops.open, attr.st_ino, os.O_RDONLY, None)
+        try:
+            data: bytes = run(ops.read, fi.fh, 0, 4096)
+            return data
+        finally:
+            run(ops.release, fi.fh)
+
+    assert [read(attr) for _, attr, _ in versions] == [b"seed a\n", b"night 1 a\n"]
+    assert a.st_ino not in {attr.st_ino for _, attr, _ in versions}, "the directory is not its newest version"
+    gone = lookup_path(ops, b"versions/home/alice/gone.txt")
+    assert [n for n, _, _ in listdir(ops, gone.st_ino)] == [seed + b".txt"], "deleted on night 1: still there"
+    assert sorted(n for n, _, _ in listdir(ops, lookup_path(ops, b"versions/dir").st_ino)) == [b"new", b"old"]
+    link = listdir(ops, lookup_path(ops, b"versions/link").st_ino)
+    assert [n for n, _, _ in link] == [seed] and run(ops.readlink, link[0][1].st_ino, None) == b"home/alice/a.txt"
+    assert run(ops.listxattr, a.st_ino, None) == [], "a made-up directory has no xattrs of its own"
 
 
 def test_lookup_inside_a_view_builds_its_stack_once(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_every_view_equals_the_kernel_overlay(made: HandMade, scratch: Path) -> 
     table = ViewTable.from_history(made.history)
     with mounted(made.root, scratch / "mp") as mp:
         names = sorted(os.listdir(mp))
-        assert names == sorted([*table.names(), "snapshots"])
+        assert names == sorted([*table.names(), "versions", "snapshots"])
         assert sorted(os.listdir(mp / "snapshots")) == list(table.snapshots)
         assert len(table.dated) == 8 and set(table.links) >= {"mon", "tue", "wed", "thu", "fri", "sat", "sun"}
         for link, target in table.links.items():
@@ -451,7 +451,7 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
             images = 1 + sum(layers.sealed(b) for b in made.history.bins)  # each image mounted once
             assert len(seeds) == images and all(m.startswith(os.fsencode(private)) for m in seeds), seeds
             table = ViewTable.from_history(made.history)
-            assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted([*table.names(), "snapshots"])
+            assert sorted(run_as_nobody(["ls", mp]).stdout.split()) == sorted([*table.names(), "versions", "snapshots"])
             for name in ["seed", *table.dated]:
                 with made.kernel_view(name) as kernel:
                     want, got = listing_as_nobody(kernel), listing_as_nobody(mp / name)

@@ -13,6 +13,7 @@ import signal
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from squashfu_fs.store.history import load
 from squashfu_fs.store.views import ViewTable, snapshot_name
 
 from .harness import bin_entries, committed_bins, fuse_mounted, history, rollback_snapshot, sealed, squashfu
-from .treegen import build_initial, differences, mutate, snapshot
+from .treegen import build_initial, describe, differences, mutate, snapshot
 
 pytestmark = pytest.mark.mounts
 
@@ -169,6 +170,35 @@ def test_the_mounted_history_follows_every_night_without_a_remount(scratch: Path
         for name in kept:  # every backup still in the history, the one the same day's later backup hides too
             got = snapshot(os.fsencode(mp / "snapshots" / name))
             assert not differences(every[name], got), f"snapshots/{name}: {differences(every[name], got)}"
+        versions_agree_with_the_copies(mp, {name: every[name][0] for name in kept})
+
+
+def versions_agree_with_the_copies(mp: Path, copies: dict[str, dict[bytes, Any]]) -> None:
+    """versions/PATH/ against the copy of the source taken after each kept backup (oldest first).
+
+    Each version is PATH as the backup it is named after left it; and every
+    state PATH had in a kept backup is the newest version written at or before it.
+    """
+    names = list(copies)
+    paths = {p for copy in copies.values() for p, e in copy.items() if e.kind != "dir"}
+    paths -= {p for copy in copies.values() for p, e in copy.items() if e.kind == "dir"}  # shown as directories
+    checked = 0
+    for path in sorted(paths):
+        shown = sorted(os.listdir(os.fsencode(mp / "versions") + b"/" + path))
+        ext = os.path.splitext(os.path.basename(path))[1]
+        written = {}
+        for item in shown:
+            snap = item[:-len(ext)].decode() if ext else item.decode()
+            assert snap in copies and item == snap.encode() + ext, (path, item)
+            written[snap] = describe(os.fsencode(mp / "versions") + b"/" + path + b"/" + item)
+            assert written[snap] == copies[snap].get(path), (path, snap, written[snap], copies[snap].get(path))
+        for i, snap in enumerate(names):
+            if path in copies[snap]:
+                newest = next((n for n in reversed(names[:i + 1]) if n in written), None)
+                assert newest is not None, f"{path!r} as of {snap}: no version written by then"
+                assert written[newest] == copies[snap][path], (path, snap, newest)
+        checked += len(shown)
+    assert checked > len(paths), "some files must have more than one version"
 
 
 def test_a_resquash_waits_for_mounted_views_before_deleting_bins(scratch: Path) -> None:

@@ -196,26 +196,31 @@ def snapshot(top: B, *, dir_mtimes: bool = True) -> tuple[dict[B, Entry], frozen
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, top)
             st = os.lstat(path)
-            kind = _kind(st.st_mode)
-            digest = ""
-            target = b""
-            if kind == "file":
-                with open(path, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-                if st.st_nlink > 1:
-                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-            elif kind == "symlink":
-                target = os.readlink(path)
-            xattrs = ()
-            if kind != "symlink":
-                xattrs = tuple(sorted((x, os.getxattr(path, x, follow_symlinks=False))
-                                      for x in os.listxattr(path, follow_symlinks=False)))
-            mtime = int(st.st_mtime) if kind != "dir" or dir_mtimes else 0
-            entries[rel] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime,
-                                 st.st_size if kind == "file" else 0, digest, target,
-                                 st.st_rdev if kind in ("char", "block") else 0, xattrs)
+            entries[rel] = describe(path, st, dir_mtimes=dir_mtimes)
+            if entries[rel].kind == "file" and st.st_nlink > 1:
+                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
     groups = frozenset(frozenset(names) for names in inodes.values() if len(names) > 1)
     return entries, groups
+
+
+def describe(path: B, st: os.stat_result | None = None, *, dir_mtimes: bool = True) -> Entry:
+    """One path's :class:`Entry` (``st`` is its lstat, taken here when not given)."""
+    st = os.lstat(path) if st is None else st
+    kind = _kind(st.st_mode)
+    digest = ""
+    target = b""
+    if kind == "file":
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    elif kind == "symlink":
+        target = os.readlink(path)
+    xattrs: tuple[tuple[str, B], ...] = ()
+    if kind != "symlink":
+        xattrs = tuple(sorted((x, os.getxattr(path, x, follow_symlinks=False))
+                              for x in os.listxattr(path, follow_symlinks=False)))
+    mtime = int(st.st_mtime) if kind != "dir" or dir_mtimes else 0
+    return Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, st.st_size if kind == "file" else 0,
+                 digest, target, st.st_rdev if kind in ("char", "block") else 0, xattrs)
 
 
 def _kind(mode: int) -> str:

@@ -27,11 +27,12 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from squashfu_fs import overlay as layerstack
 from squashfu_fs.errors import SquashfuError
 from squashfu_fs.overlay import Entry, Layer, StatLike
+from squashfu_fs.read import versions_tree
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import layers as layer_kinds
 from squashfu_fs.store.history import Bin, History
@@ -44,6 +45,7 @@ ROOT_INO = 1
 LINK_INOS = {name: i for i, name in enumerate((*WEEKDAYS, LATEST), start=2)}
 SNAPSHOTS_INO = max(LINK_INOS.values()) + 1  # snapshots/: one view per committed backup
 SNAPSHOTS = b"snapshots"
+VERSIONS = b"versions"
 NAME_DIRS = frozenset({ROOT_INO, SNAPSHOTS_INO})  # directories whose entries are views and links
 VIEW_SHIFT = 44
 LAYER_SHIFT = 34
@@ -89,7 +91,7 @@ class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
     __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_layers", "images", "key", "layers", "live", "marks",
-                 "name", "retired", "root_entry", "root_ino", "seed_file", "spec")
+                 "name", "retired", "root_entry", "root_ino", "seed_file", "snapshot_names", "spec", "versions")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
                  layers: list[Layer], seed_file: str, images: tuple[str, ...] = (),
@@ -112,6 +114,8 @@ class View:
         self.bin_ids: tuple[tuple[int, int], ...] = ()  # (st_dev, st_ino) of each bin, taken when built
         self.live = 0  # nodes of this view that the kernel knows
         self.retired = False  # no longer named in the root
+        self.versions = False  # the versions/ tree over these layers, not a day (read/versions_tree.py)
+        self.snapshot_names: dict[int, str] = {}  # layer position -> the snapshot that wrote it (versions/)
 
 
 class Node:
@@ -310,6 +314,10 @@ class Vfs:
         for name, spec in self.table.snapshots.items():
             view = self._view_for(name, spec, fresh, snapshot=True)
             snapshots.append((name.encode(), view.root_ino, self._root_entry(view)))
+        if self.table.dated:  # versions/: every layer of the newest state, read as a history of files
+            newest = self.table.dated[self.table.links[LATEST]]
+            view = self._view_for(VERSIONS.decode(), newest, fresh, versions=True)
+            items.append((VERSIONS, view.root_ino, self._root_entry(view)))
         if snapshots:
             t = mtime_ns
             listing_st = Stat(stat.S_IFDIR | 0o555, st_nlink=2 + len(snapshots), st_atime_ns=t, st_mtime_ns=t,
@@ -347,7 +355,7 @@ class Vfs:
         return change
 
     def _view_for(self, name: str, spec: ViewSpec, fresh: dict[tuple[object, ...], View], *,
-                  snapshot: bool = False) -> View:
+                  snapshot: bool = False, versions: bool = False) -> View:
         """The view showing ``spec``: the current one if its layers did not change, else a new one.
 
         ``seed`` and each ``snapshots/`` entry are views of their own even when
@@ -358,7 +366,7 @@ class Vfs:
         bins = [self.history.bin(n) for n in spec.bins]
         images = _image_names(self.layout, bins)
         # A bin sealed since is another view: the old one keeps reading the directory until it retires.
-        space = "snapshot" if snapshot else "seed" if name == SEED else "dated"
+        space = "versions" if versions else "snapshot" if snapshot else "seed" if name == SEED else "dated"
         key: tuple[object, ...] = (space, spec.bins, self._current_seed, tuple(sorted(images)))
         view = self.views.get(key) or fresh.get(key)
         if view is None:
@@ -369,6 +377,9 @@ class Vfs:
             view = View(self._next_view, name, spec, key, layers, self._current_seed,
                         (self._current_seed, *images.values()), tuple(n for n in spec.bins if n not in images))
             self._next_view += 1
+            if versions:
+                view.versions = True
+                view.snapshot_names = self._snapshot_names(spec)
             self.by_id[view.id] = view
             for image in view.images:
                 self._seed_ref(image, +1)
@@ -376,8 +387,18 @@ class Vfs:
         fresh[key] = view
         return view
 
+    def _snapshot_names(self, spec: ViewSpec) -> dict[int, str]:
+        """The snapshot name of each layer position of ``spec``'s stack (1 = newest bin, last = the seed)."""
+        by_top = {state.top: name for name, state in self.table.snapshots.items()}
+        names = {pos: by_top[number] for pos, number in enumerate(spec.bins, 1)}
+        names[len(spec.bins) + 1] = by_top[None]
+        return names
+
     def _root_entry(self, view: View) -> Entry:
         """A view's directory attributes: its top layer's root, read without building."""
+        if view.root_entry is None and view.versions:
+            view.root_entry = versions_tree.VersionsEntry(os.lstat(view.layers[0].directory()), (),
+                                                          versions_tree.TREE)
         if view.root_entry is None:
             top = view.layers[0].directory()
             try:
@@ -431,7 +452,9 @@ class Vfs:
         """The inode number of a resolved entry: computed from where the real object lives."""
         pos = entry.layer
         st_ino = entry.st.st_ino
-        if pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
+        if getattr(entry, "synthetic", False):
+            pos = -pos  # a file's directory of versions: not the file's own number
+        elif pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
             return (view.id << VIEW_SHIFT) | (pos << LAYER_SHIFT) | st_ino
         key = (view.id, pos, entry.st.st_dev, st_ino)
         ino = self._fallback.get(key)
@@ -540,7 +563,8 @@ class Vfs:
                 return None
             _, ino, entry = node.listing.items[i]
         else:
-            found = layerstack.lookup(node.entry.branches, name, view.marks)
+            found = (versions_tree.lookup(cast(versions_tree.VersionsEntry, node.entry), name, view.snapshot_names)
+                     if view.versions else layerstack.lookup(node.entry.branches, name, view.marks))
             self.check_layers(view)
             if found is None:
                 return None
@@ -562,7 +586,9 @@ class Vfs:
         if node.listing is None:
             if node.ino == view.root_ino:
                 self.build(view)
-            items = [(name, self.ino_of(view, e), e) for name, e in layerstack.listdir(node.entry.branches, view.marks)]
+            merged = (versions_tree.listdir(cast(versions_tree.VersionsEntry, node.entry), view.snapshot_names)
+                      if view.versions else layerstack.listdir(node.entry.branches, view.marks))
+            items = [(name, self.ino_of(view, e), e) for name, e in merged]
             self.check_layers(view)
             node.listing = Listing(items)
             self.counters.listings_built += 1
@@ -594,7 +620,7 @@ class Vfs:
         node = self.nodes[ino]
         if node.xattrs is None:
             view = node.view
-            if view is None:
+            if view is None or getattr(node.entry, "synthetic", False):
                 node.xattrs = {}
             elif node.ino == view.root_ino:
                 node.xattrs = layerstack.read_xattrs(view.layers[0].directory())
