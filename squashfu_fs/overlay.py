@@ -154,18 +154,34 @@ def write_opaque_record(path: Path, relatives: Iterable[bytes]) -> None:
 
 def read_opaque_record(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
     """A layer's recorded opaque directories; none when it has no record."""
+    return opaque_record(path) or ()
+
+
+def opaque_record(path: str | os.PathLike[str]) -> tuple[bytes, ...] | None:
+    """A layer's recorded opaque directories, or None when the layer has no record (a bin of older code)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return ()
+        return None
     return tuple(data.split(b"\0")[:-1])
+
+
+class TrustedMarks(frozenset[bytes]):
+    """Opaque marks that name every opaque directory of the stack: nothing else needs an xattr probe.
+
+    Every bin written since records its opaque directories (``bins/N.opaque``,
+    empty when there are none); a stack whose bins all have one is resolved
+    from the records alone, saving a ``getxattr`` per merged directory.
+    """
 
 
 def is_opaque(path: bytes, marks: frozenset[bytes] = frozenset()) -> bool:
     """Whether a directory hides everything below it in the stack."""
     if path in marks:
         return True
+    if isinstance(marks, TrustedMarks):
+        return False
     for name in OPAQUE_XATTRS:
         try:
             if os.getxattr(path, name, follow_symlinks=False) == b"y":

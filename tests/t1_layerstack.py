@@ -112,6 +112,22 @@ def test_an_opaque_record_stops_the_merge_like_the_xattr(tmp_path: Path) -> None
     assert found is not None and [pos for pos, _ in found.branches] == [1]
 
 
+def test_trusted_records_are_the_whole_truth_and_spare_the_xattr_probe(tmp_path: Path) -> None:
+    """When every bin has a record, a directory the records do not name is merged without a getxattr."""
+    s = Stack(tmp_path, 2)
+    write(s.dirs[1] / "d" / "old")
+    write(s.dirs[0] / "d" / "new")
+    opaque(s.dirs[0] / "d")  # a marker no record names: only a probe would see it
+    assert set(s.names(b"d")) == {b"new"}, "probed: opaque"
+    s.marks = layerstack.TrustedMarks()
+    assert set(s.names(b"d")) == {b"old", b"new"}, "trusted: the (empty) records say it is not"
+    found = s.resolve(b"d")
+    assert found is not None and [pos for pos, _ in found.branches] == [1, 2]
+    assert layerstack.opaque_record(tmp_path / "missing.opaque") is None, "no record is not an empty record"
+    layerstack.write_opaque_record(tmp_path / "empty.opaque", [])
+    assert layerstack.opaque_record(tmp_path / "empty.opaque") == ()
+
+
 def test_a_sources_user_overlay_xattrs_are_data(tmp_path: Path) -> None:
     """Bins are written in trusted mode: a source's own user.overlay.opaque hides nothing, and shows."""
     s = Stack(tmp_path, 2)

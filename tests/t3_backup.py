@@ -181,7 +181,8 @@ def test_opaque_directories_are_recorded_beside_their_bin(tree: tuple[Path, Path
     squashfu("-r", root, "backup", now="2026-11-04T02:00")
     with bin_opened(root, 2) as bin2:  # sealed: the image keeps overlay's marker as it was written
         assert os.getxattr(bin2 / "flip", "trusted.overlay.opaque") == b"y"
-    assert sorted(p.name for p in (root / "bins").iterdir()) == ["1.sfs", "2.opaque", "2.sfs"]
+    assert sorted(p.name for p in (root / "bins").iterdir()) == ["1.opaque", "1.sfs", "2.opaque", "2.sfs"]
+    assert (root / "bins" / "1.opaque").read_bytes() == b"", "a record even when nothing is opaque"
     assert (root / "bins" / "2.opaque").read_bytes() == b"flip\0"
     squashfu("-r", root, "backup", now="2026-11-05T02:00")  # recovery keeps a committed bin's record
     assert (root / "bins" / "2.opaque").is_file()
@@ -189,7 +190,7 @@ def test_opaque_directories_are_recorded_beside_their_bin(tree: tuple[Path, Path
     text = (root / "squashfu.toml").read_text().replace("min_bins = 7", "min_bins = 1")
     (root / "squashfu.toml").write_text(text)
     squashfu("-r", root, "resquash")
-    assert sorted(p.name for p in (root / "bins").iterdir()) == ["3.sfs"]
+    assert sorted(p.name for p in (root / "bins").iterdir()) == ["3.opaque", "3.sfs"]
 
 
 # ------------------------------------------------------------- the change manifest

@@ -37,7 +37,7 @@ def test_resquash_refuses_while_a_rollback_uses_its_bins(tree: tuple[Path, Path]
     squashfu("-r", root, "resquash")
     h = history(root)
     assert [b["number"] for b in h["bins"]] == [4] and h["seed"]["absorbed"] == [1, 2, 3]
-    assert sorted(os.listdir(root / "bins")) == ["4.sfs"]
+    assert sorted(os.listdir(root / "bins")) == ["4.opaque", "4.sfs"]
     with rolled_back(root, "2026-11-05", scratch / "mp") as mp:
         assert (mp / "docs" / "a.txt").read_text() == "day 5\n"
 

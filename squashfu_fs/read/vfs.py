@@ -506,9 +506,11 @@ class Vfs:
         view.bin_ids = self._bin_ids(view)
         entry = self._root_entry(view)
         entry.branches = layerstack.root_branches(view.layers)
-        view.marks = layerstack.opaque_marks(
-            (layer.directory(), layerstack.read_opaque_record(self.layout.opaque_record(n)))
-            for n, layer in zip(view.spec.bins, view.layers, strict=False))
+        records = [(layer.directory(), layerstack.opaque_record(self.layout.opaque_record(n)))
+                   for n, layer in zip(view.spec.bins, view.layers, strict=False)]
+        marks = layerstack.opaque_marks((directory, record or ()) for directory, record in records)
+        # Bins of older code have no record: their directories are probed for the xattr instead.
+        view.marks = layerstack.TrustedMarks(marks) if all(r is not None for _, r in records) else marks
         view.built = True
         self.counters.stacks_built += 1
 

@@ -88,6 +88,5 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
 
 
 def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None:
-    """List bin N's opaque directories beside it, for readers that cannot see trusted xattrs."""
-    if scan.opaque_dirs:
-        layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
+    """List bin N's opaque directories beside it, even none: readers trust a record instead of probing xattrs."""
+    layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
