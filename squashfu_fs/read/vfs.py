@@ -279,7 +279,7 @@ class Vfs:
         self.counters.reloads += 1
         old_items = {name: (ino, entry) for name, ino, entry in self.root_items}
         old_snapshots = {name: ino for name, ino, _ in self.snapshot_items}
-        old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None}
+        old_targets = {n.ino: n.target for n in self.nodes.values() if n.target is not None and n.view is None}
         if new.seed is not None:
             self._current_seed = new.seed.file
         images = _images_of(self.layout, new)
@@ -600,10 +600,11 @@ class Vfs:
         return self.nodes[ino].entry
 
     def readlink(self, ino: int) -> bytes:
+        """A symlink's target, read once per node (a committed layer never changes it)."""
         node = self.nodes[ino]
-        if node.target is not None:
-            return node.target
-        return os.readlink(node.entry.path)
+        if node.target is None:
+            node.target = os.readlink(node.entry.path)
+        return node.target
 
     def real_path(self, ino: int) -> bytes:
         """The real file to open for reading."""
