@@ -264,6 +264,35 @@ def test_sigterm_during_a_backup_takes_every_mount_down(scratch: Path, full: boo
     assert not [p for p in (root / "bins").iterdir()], "the partial bin was left behind"
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["through-the-union", "straight-into-the-bin"])
+def test_sigterm_while_rsync_writes_stops_rsync_before_cleaning_up(scratch: Path, full: bool) -> None:
+    """The partial bin is removed only once rsync has stopped writing into it: exit 143, no debris."""
+    src, root, _ = make_root(scratch, nights=1)
+    before = history(root)
+    (src / "big-new.bin").write_bytes(os.urandom(256 << 20))
+    env = {**os.environ, "SQUASHFU_NOW": "2026-11-03T02:00"}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup", *(["--full"] if full else [])], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = root / "bins" / ".partial-1"
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.is_dir() and any(p.name.startswith(".big-new.bin.") for p in partial.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "rsync was not caught mid-copy"
+            time.sleep(0.002)
+    except BaseException:
+        os.killpg(proc.pid, 9)
+        raise
+    terminate_and_check(proc, root, before)
+    assert not [p for p in (root / "bins").iterdir() if p.name.startswith(".partial")], "debris left"
+    assert not psutil_children(proc.pid), "rsync outlived the backup"
+
+
+def psutil_children(pid: int) -> list[str]:
+    """Live processes still in the backup's session (rsync would be one); zombies are dead and write nothing."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(pid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
+
+
 @pytest.mark.parametrize("mount_point", ["ro", "rw"])
 def test_sigterm_while_the_mount_command_runs_takes_the_mount_down(scratch: Path, mount_point: str) -> None:
     """The signal lands after the kernel mounted but before `mount` returned (seen once in CI)."""

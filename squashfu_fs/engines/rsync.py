@@ -9,8 +9,10 @@ committed-but-partial backup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from squashfu_fs.engines.run import require
 from squashfu_fs.errors import ExternalCommandError
-from squashfu_fs.util import faults
+from squashfu_fs.util import faults, process
 from squashfu_fs.util.units import human
 
 # What every copy into or out of the history preserves.
@@ -114,10 +116,14 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
         start = err.tell()
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                 pass_fds=tuple(pass_fds))
-        faults.checkpoint("rsync-running")
-        assert proc.stdout is not None
-        out = _pump(proc.stdout, progress=progress, echo_items=echo_items, label=label)
-        status = proc.wait()
+        try:
+            faults.checkpoint("rsync-running")
+            assert proc.stdout is not None
+            out = _pump(proc.stdout, progress=progress, echo_items=echo_items, label=label)
+            status = proc.wait()
+        except BaseException:
+            _stop(proc)  # interrupted (SIGTERM, Ctrl-C): rsync must not write on while the caller cleans up
+            raise
         err.seek(start)
         complaints = err.read().decode(errors="replace")
     errors = tuple(ln for ln in complaints.splitlines() if ln.startswith("rsync"))
@@ -132,6 +138,23 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
         deleted=_stat(out, rb"Number of deleted files: ([\d,]+)"),
         errors=errors,
     )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill an rsync that is still running, and the receiver and generator it forked; wait until all are gone.
+
+    They would otherwise write on into the bin the caller is about to remove
+    (a terminated rsync leaves its children running). Whatever they were
+    writing is thrown away with the partial bin, so SIGKILL is fine.
+    """
+    if proc.poll() is not None:
+        return
+    forked = [(pid, process.process_start_time(pid)) for pid in process.descendants(proc.pid)]
+    for pid in [proc.pid, *(pid for pid, _ in forked)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    process.wait_gone(forked, timeout=10)
 
 
 def _private(path: str, flags: int) -> int:

@@ -9,6 +9,7 @@ never keeps a layer or a mount alive.
 from __future__ import annotations
 
 import os
+import time
 
 
 def process_start_time(pid: int) -> str | None:
@@ -43,3 +44,35 @@ def alive_pid(ident: str) -> int | None:
     except ValueError:
         return None
     return pid if alive(pid, start) else None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (its children, theirs, ...), from /proc; parents first."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(data[data.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        out.append(child)
+        todo += children.get(child, [])
+    return out
+
+
+def wait_gone(processes: list[tuple[int, str | None]], timeout: float) -> bool:
+    """Wait until none of ``processes`` (PID, start time) runs; a zombie is gone. False if some still run."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid, start) for pid, start in processes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
