@@ -11,7 +11,6 @@ before it) and keeps those the newest state lacks. Neither walks a day.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import stat
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from squashfu_fs.read.history_layers import (
     State,
     changed_fields,
     facts,
+    json_list,
     json_name,
     opened_history,
     shown,
@@ -56,8 +56,8 @@ def deleted_paths(root: Path, path: str | None, *, as_json: bool, verbose: bool 
         newest = states[-1]
         found = sorted((p, *info) for p, info in gone.items() if newest.lookup(p) is None)
     if as_json:
-        return json.dumps([{"path": json_name(p), "type": what, "last_backup": _when(last),
-                            "first_without": _when(first)} for p, what, last, first in found], indent=1) + "\n"
+        return json_list([{"path": json_name(p), "type": what, "last_backup": _when(last),
+                           "first_without": _when(first)} for p, what, last, first in found])
     return "".join(f"- {shown(p)}{'/' if what == 'dir' else ''}  (last in {last.snapshot}, "
                    f"gone since {first.snapshot})\n" for p, what, last, first in found)
 
@@ -118,5 +118,5 @@ def versions_of(root: Path, path: str, *, as_json: bool, verbose: bool = False) 
     if not rows:
         say(True, f"{shown(asked) or '/'} is in no kept backup")
     if as_json:
-        return json.dumps([row.as_dict() for row in rows], indent=1) + "\n"
+        return json_list([row.as_dict() for row in rows])
     return "".join(row.line() for row in rows)

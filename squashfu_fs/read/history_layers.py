@@ -11,6 +11,7 @@ with overlay.py's rules, the way the time-travel daemon does.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import unicodedata
@@ -277,3 +278,10 @@ def json_name(path: bytes) -> str:
     """A name for JSON: its bytes decoded as UTF-8, each byte that is not valid UTF-8 as the lone surrogate
     U+DC80+byte (Python's ``surrogateescape``; ``os.fsencode`` gives the bytes back)."""
     return path.decode("utf-8", "surrogateescape")
+
+
+def json_list(items: list[dict[str, object]]) -> str:
+    """A JSON list with one object a line: valid JSON, and still a line per path for ``grep``."""
+    if not items:
+        return "[]\n"
+    return "[\n" + ",\n".join(" " + json.dumps(item) for item in items) + "\n]\n"

@@ -12,7 +12,6 @@ subtree on each side is listed too. Neither day is walked
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from squashfu_fs.read.history_layers import (
     below,
     changed_fields,
     facts,
+    json_list,
     json_name,
     opened_history,
     related,
@@ -158,7 +158,7 @@ def diff_layers(root: Path, view_a: str, view_b: str, *, as_json: bool, verbose:
         bins = [hist.bin(n) for n in between(older, newer)]
         found = changes(hist.state(spec_a), hist.state(spec_b), bins)
     if as_json:
-        return json.dumps([c.as_dict() for c in found], indent=1) + "\n"
+        return json_list([c.as_dict() for c in found])
     lines = []
     for c in found:
         what = f" ({c.type_before} -> {c.type})" if c.type_before else ""
