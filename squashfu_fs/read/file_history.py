@@ -4,7 +4,7 @@ Each bin is what changed that night, so a path can only have changed in a
 backup whose bin holds it (or a whiteout, a non-directory or an opaque
 directory above it). ``versions`` looks a path up in the seed's state and
 then only in the states whose bin touches it; ``deleted`` takes each bin's
-deletions (:func:`squashfu_fs.read.layerdiff.changes` against the state
+deletions (:func:`squashfu_fs.read.layerdiff.deletions` against the state
 before it) and keeps those the newest state lacks. Neither walks a day.
 """
 
@@ -29,7 +29,7 @@ from squashfu_fs.read.history_layers import (
     opened_history,
     shown,
 )
-from squashfu_fs.read.layerdiff import changes
+from squashfu_fs.read.layerdiff import deletions
 from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util.say import say
 from squashfu_fs.util.units import human
@@ -51,7 +51,7 @@ def deleted_paths(root: Path, path: str | None, *, as_json: bool, verbose: bool 
         gone: dict[bytes, tuple[str, State, State]] = {}
         for before, after in itertools.pairwise(states):
             assert after.spec.top is not None
-            for change in changes(before, after, [hist.bin(after.spec.top)], hist.path, deletions_only=True):
+            for change in deletions(before, after, hist.bin(after.spec.top), hist.path):
                 gone[change.path] = (change.type, before, after)  # a later deletion replaces an earlier one
         newest = states[-1]
         found = sorted((p, *info) for p, info in gone.items() if newest.lookup(p) is None)

@@ -27,6 +27,7 @@ from squashfu_fs.read.history_layers import (
     facts,
     json_list,
     json_name,
+    kind,
     opened_history,
     related,
     shown,
@@ -94,12 +95,8 @@ def touched(bins: list[BinLayer], within: bytes = b"") -> tuple[set[bytes], set[
     return paths, replaced
 
 
-def changes(before: State, after: State, bins: list[BinLayer], within: bytes = b"", *,
-            deletions_only: bool = False) -> list[Change]:
-    """Every path on or below ``within`` that differs from ``before`` to ``after``; ``bins``: the layers between.
-
-    With ``deletions_only``, only paths ``after`` lacks (nothing is compared).
-    """
+def changes(before: State, after: State, bins: list[BinLayer], within: bytes = b"") -> list[Change]:
+    """Every path on or below ``within`` that differs from ``before`` to ``after``; ``bins``: the layers between."""
     candidates, replaced = touched(bins, within)
     pending = sorted(candidates)
     seen = set(candidates)
@@ -115,13 +112,37 @@ def changes(before: State, after: State, bins: list[BinLayer], within: bytes = b
                     if child not in seen:
                         seen.add(child)
                         pending.append(child)
-        if not below(path, within) or (deletions_only and (a is None or b is not None)):
+        if not below(path, within):
             continue
         change = compare(path, a, b)
         if change is not None:
             out.append(change)
     out.sort(key=lambda c: c.path)
     return out
+
+
+def deletions(before: State, after: State, layer: BinLayer, within: bytes = b"") -> list[Change]:
+    """What ``after`` (``before`` with the bin ``layer`` on top) lacks of ``before``, on or below ``within``.
+
+    Whatever the top bin holds, other than a whiteout, is in ``after``; so
+    only its whiteouts, and what lies below its non-directories and opaque
+    directories, can have gone. A plain directory there merges with the one
+    below and removes nothing: it is not even looked up.
+    """
+    gone: dict[bytes, Change] = {}
+    for path, st in bin_paths(layer, within):
+        if stat.S_ISDIR(st.st_mode) and not overlay.is_opaque(layer.directory + b"/" + path, layer.marks):
+            continue
+        a = before.lookup(path)
+        if a is None:
+            continue
+        if overlay.is_whiteout(st) and below(path, within):
+            gone[path] = Change(path, "deleted", kind(a.st.st_mode))
+        if a.is_dir:
+            for child, entry in before.walk(path, within):
+                if child not in gone and below(child, within) and after.lookup(child) is None:
+                    gone[child] = Change(child, "deleted", kind(entry.st.st_mode))
+    return sorted(gone.values(), key=lambda c: c.path)
 
 
 def compare(path: bytes, a: overlay.Entry | None, b: overlay.Entry | None) -> Change | None:
