@@ -24,7 +24,6 @@ from squashfu_fs.read.history_layers import (
     State,
     below,
     changed_fields,
-    facts,
     json_list,
     json_name,
     kind,
@@ -151,14 +150,14 @@ def compare(path: bytes, a: overlay.Entry | None, b: overlay.Entry | None) -> Ch
         return None
     if a is None:
         assert b is not None
-        return Change(path, "added", facts(b).kind)
+        return Change(path, "added", kind(b.st.st_mode))
     if b is None:
-        return Change(path, "deleted", facts(a).kind)
+        return Change(path, "deleted", kind(a.st.st_mode))
     fields = changed_fields(a, b)
     if not fields:
         return None
-    fa, fb = facts(a).kind, facts(b).kind
-    return Change(path, "modified", fb, fa if fa != fb else None, tuple(fields))
+    ka, kb = kind(a.st.st_mode), kind(b.st.st_mode)
+    return Change(path, "modified", kb, ka if ka != kb else None, tuple(fields))
 
 
 def between(older: ViewSpec, newer: ViewSpec) -> list[int]:
