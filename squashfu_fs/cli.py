@@ -224,12 +224,43 @@ def restore(root: Path, view: str, path: str | None, target: Path, delete: bool,
 @needs_root
 @click.argument("view_a")
 @click.argument("view_b")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of changes on stdout.")
 @verbose_option
-def diff(root: Path, view_a: str, view_b: str, verbose: bool) -> None:
-    """What changed between two days."""
-    from squashfu_fs.read.restore import diff_views
+def diff(root: Path, view_a: str, view_b: str, as_json: bool, verbose: bool) -> None:
+    """What changed from VIEW_A to VIEW_B, found from the bins between them."""
+    from squashfu_fs.read.layerdiff import diff_layers
 
-    diff_views(root, view_a, view_b, verbose=verbose)
+    _out(diff_layers(root, view_a, view_b, as_json=as_json, verbose=verbose))
+
+
+@main.command()
+@needs_root
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
+@verbose_option
+def deleted(root: Path, path: str | None, as_json: bool, verbose: bool) -> None:
+    """Every path (under PATH) that a kept backup has and the newest does not."""
+    from squashfu_fs.read.file_history import deleted_paths
+
+    _out(deleted_paths(root, path, as_json=as_json, verbose=verbose))
+
+
+@main.command()
+@needs_root
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
+@verbose_option
+def versions(root: Path, path: str, as_json: bool, verbose: bool) -> None:
+    """Every distinct version of PATH in the kept history, oldest first."""
+    from squashfu_fs.read.file_history import versions_of
+
+    _out(versions_of(root, path, as_json=as_json, verbose=verbose))
+
+
+def _out(text: str) -> None:
+    """A query's answer on stdout, as UTF-8 whatever the locale (names are escaped already)."""
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+    sys.stdout.flush()
 
 
 @main.command()

@@ -1,8 +1,9 @@
-"""``restore`` and ``diff``: copying or comparing days through private read-only roll-backs.
+"""``restore``: copying a day through a private read-only roll-back.
 
-Both read a day through a view :func:`squashfu_fs.read.rollback.mounted_view`
-mounts inside the root for the length of the command, and hand it to rsync
-(docs/commands.md, "restore" and "diff").
+It reads the day through a view :func:`squashfu_fs.read.rollback.mounted_view`
+mounts inside the root for the length of the command, and hands it to rsync
+(docs/commands.md, "restore"). ``diff`` answers from the layers instead
+(read/layerdiff.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import ExternalCommandError, PartialError, UsageError
 from squashfu_fs.read.rollback import mounted_view
 from squashfu_fs.store.opening import opened_root
-from squashfu_fs.store.views import ViewTable
 from squashfu_fs.util import beneath
 
 
@@ -198,16 +198,3 @@ def _why_not(view_fd: int, parts: list[bytes], path: str | None, view: str, exc:
         if not stat.S_ISDIR(st.st_mode) and depth < len(parts):
             return f"{path!r}: {shown} is not a directory in {view}"
     return f"{path!r} in {view}: {exc.strerror}"
-
-
-def diff_views(root: Path, view_a: str, view_b: str, *, verbose: bool = False) -> None:
-    """Print what changed between two days, as rsync's itemized list."""
-    require_root("diff")
-    with opened_root(root, "diff", write=False) as opened:  # both names, before either is mounted
-        table = ViewTable.from_history(opened.history)
-        table.resolve(view_a)
-        table.resolve(view_b)
-    with mounted_view(root, view_a, "diff", verbose=verbose) as (a, _), \
-            mounted_view(root, view_b, "diff") as (b, _):
-        args = rsync.backup_args(b, a, (), dry_run=True)
-        rsync.run(args, echo_items=True)

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,27 +82,54 @@ def unmount_rollback(mountpoint: Path) -> None:
     rollbacks.drop_record(record)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrivateView:
+    """A private roll-back made for one command: where it is mounted, its record, and the history it was made from."""
+
+    target: Path
+    spec: ViewSpec
+    layout: RootLayout
+    history: History
+    record: RollbackRecord
+
+
 @contextmanager
 def mounted_view(root: Path, view: str, command: str, *,
                  verbose: bool = False) -> Iterator[tuple[Path, ViewSpec]]:
-    """A private read-only roll-back of VIEW (inside the root) for a ``with`` block.
+    """A private read-only roll-back of VIEW (inside the root) for a ``with`` block."""
+    with private_view(root, command, lambda table: table.resolve(view), verbose=verbose) as made:
+        yield made.target, made.spec
+
+
+@contextmanager
+def private_view(root: Path, command: str, choose: Callable[[ViewTable], ViewSpec], *,
+                 verbose: bool = False) -> Iterator[PrivateView]:
+    """A private read-only roll-back of the state ``choose`` picks from the history, for a ``with`` block.
 
     It is set up as a writer (lock, recovery), since it writes a roll-back
     record, and used without the lock: a long restore does not hold off the
-    night's backup.
+    night's backup. The record keeps a resquash from merging the bins it
+    stacks, so the layers under ``record`` stay readable until the block ends
+    (the history queries read them directly: read/history_layers.py).
     """
     with opened_root(root, command, write=True, verbose=verbose) as opened:
         layout = opened.layout
         layout.rollbacks.mkdir(exist_ok=True)
         target = Path(tempfile.mkdtemp(prefix="view-", dir=layout.rollbacks))
         try:
-            spec = ViewTable.from_history(opened.history).resolve(view)
+            spec = choose(ViewTable.from_history(opened.history))
             _mount_view(layout, opened.history, spec, target, private=True)
+            entry = mounts.find_mount(target)
+            record = None if entry is None else rollbacks.record_of(entry)
+            if record is None:
+                unmount_rollback(target)
+                raise SquashfuError(f"the private view on {target} vanished as it was mounted")
         except BaseException:
-            target.rmdir()
+            with contextlib.suppress(OSError):
+                target.rmdir()
             raise
     try:
-        yield target, spec
+        yield PrivateView(target, spec, layout, opened.history, record)
     finally:
         try:
             unmount_rollback(target)
