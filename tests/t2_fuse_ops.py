@@ -240,6 +240,16 @@ def test_versions_lists_every_version_of_a_file_named_by_its_snapshot(tmp_path: 
     assert run(ops.listxattr, a.st_ino, None) == [], "a made-up directory has no xattrs of its own"
 
 
+def test_a_directory_private_once_stays_private_in_versions(tmp_path: Path) -> None:
+    """dir was 0700 in the seed and 0755 after night 1: the names it held then must not show to others now."""
+    world = World(tmp_path)
+    os.chmod(world.seed_dir / "dir", 0o700)
+    os.chmod(world.layout.bin(1) / "dir", 0o755)
+    ops, _, _ = world.ops()
+    assert stat.S_IMODE(lookup_path(ops, b"2026-11-03/dir").st_mode) == 0o755
+    assert stat.S_IMODE(lookup_path(ops, b"versions/dir").st_mode) == 0o700
+
+
 def test_lookup_inside_a_view_builds_its_stack_once(tmp_path: Path) -> None:
     ops, vfs, _ = World(tmp_path).ops()
     a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")

@@ -49,6 +49,22 @@ class DirStat:
         self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = st.st_mtime_ns
 
 
+class Restricted:
+    """A directory's newest attributes, with only the permission bits every backup of it granted.
+
+    ``versions/`` shows names that lived in a directory at any time; if the
+    directory was private then (say 0700), its names stay hidden now.
+    """
+
+    def __init__(self, st: os.stat_result, allowed: int) -> None:
+        self._st = st
+        self.st_mode = stat.S_IFMT(st.st_mode) | (stat.S_IMODE(st.st_mode) & allowed)
+
+    def __getattr__(self, name: str) -> int:
+        value: int = getattr(self._st, name)
+        return value
+
+
 def version_name(snapshot: str, name: bytes) -> bytes:
     """The name of one version: the snapshot that wrote it, then the file's own extension."""
     ext = os.path.splitext(name)[1]
@@ -100,7 +116,11 @@ def _entry(hits: list[tuple[int, bytes, os.stat_result]]) -> VersionsEntry:
     """What one name is across the layers (newest first): a directory if any layer has one, else versions."""
     dirs = [(pos, path, st) for pos, path, st in hits if stat.S_ISDIR(st.st_mode)]
     if dirs:
-        return VersionsEntry(dirs[0][2], tuple((pos, path) for pos, path, _ in dirs), TREE)
+        st = dirs[0][2]
+        allowed = 0o7777
+        for _, _, older in dirs:
+            allowed &= older.st_mode  # a directory private once keeps what it held then private
+        return VersionsEntry(Restricted(st, allowed), tuple((pos, path) for pos, path, _ in dirs), TREE)
     return VersionsEntry(DirStat(hits[0][2]), tuple((pos, path) for pos, path, _ in hits), VERSIONS, synthetic=True)
 
 
