@@ -19,7 +19,7 @@ import pytest
 from squashfu_fs.read.mountd import daemon_pid, state_dir
 from squashfu_fs.store import registry as readers
 
-from .harness import fuse_mounted, history, keep_bins_unsealed, squashfu
+from .harness import fuse_mounted, history, keep_bins_unsealed, rolled_back, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -126,6 +126,23 @@ def test_a_failed_reload_is_retried_and_its_views_keep_their_bins(scratch: Path,
         assert (mp / "latest" / "d" / "f").read_text() == night_text(3)
         eventually(lambda: (squashfu("-r", root, "resquash", expect=None).returncode == 0
                             and bins(root) == {"3"}), "the left bins were never deleted")
+
+
+def test_a_rollback_over_a_bins_directory_keeps_it_through_sealing(scratch: Path) -> None:
+    """A kernel roll-back stacks bins/1 itself: sealing bin 1 must leave that directory until the roll-back is gone."""
+    src, root = make_root(scratch, nights=2, max_bins=14, min_bins=7, seal=False)  # seed, bin 1 (11-03)
+    with rolled_back(root, "2026-11-03", scratch / "rb") as rb:
+        assert (rb / "d" / "f").read_text() == night_text(1)
+        config = root / "squashfu.toml"
+        config.write_text(config.read_text().replace("seal = false\n", ""))
+        backup(src, root, 2)  # seals bin 1 (and the new bin 2)
+        assert [b["format"] for b in history(root)["bins"]] == ["sealed", "sealed"]
+        assert (root / "bins" / "1").is_dir(), "the directory a live roll-back stacks was deleted"
+        assert (rb / "d" / "f").read_text() == night_text(1), "the roll-back lost its day"
+        squashfu("-r", root, "backup", now="2026-11-05T02:00")  # recovery keeps it too while the roll-back lives
+        assert (root / "bins" / "1").is_dir()
+    squashfu("-r", root, "backup", now="2026-11-06T02:00")  # the roll-back is gone: recovery removes it
+    assert not (root / "bins" / "1").exists()
 
 
 def test_a_directory_held_open_while_its_bin_is_sealed_reads_that_day(scratch: Path) -> None:

@@ -42,6 +42,7 @@ def recover(layout: RootLayout, history: History) -> list[str]:
     # Bins committed sealed whose directory is still here: a live view may read that directory.
     outlived = {int(n) for n in names if n.isdigit() and int(n) in numbers and n not in committed}
     read_bins, read_seeds = readers.in_use(layout.root, history.generation, absorbed | outlived)
+    read_bins |= outlived & rollbacks.bins_read(layout)  # a roll-back made before the seal stacks the directory
     kept = {name for n in read_bins - outlived for name in layers.bin_names(layout, n)}
     for name in names:
         if name in committed or name in kept:

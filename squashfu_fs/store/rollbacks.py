@@ -103,6 +103,11 @@ def records(layout: RootLayout) -> list[RollbackRecord]:
     return out
 
 
+def bins_read(layout: RootLayout) -> set[int]:
+    """The bins live roll-backs stack: a directory among them must stay while they live, even once sealed."""
+    return {n for record in records(layout) if record.is_live() for n in record.bins}
+
+
 def read_record(directory: Path) -> RollbackRecord:
     """The record in ``ROOT/.rollbacks/ID``; an unreadable one is an empty (stale) record."""
     try:

@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from squashfu_fs.engines import mksquashfs as squash
-from squashfu_fs.store import digests, layers, recovery
+from squashfu_fs.store import digests, layers, recovery, rollbacks
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
@@ -76,7 +76,7 @@ def seal_bin(layout: RootLayout, history: History, config: Config, number: int, 
     # A view built before the seal reads the directory: let daemons load the new history first,
     # and leave the directory to a later recovery if a live view still holds it.
     readers.wait_for(layout.root, history.generation, unused=(number,))
-    if number in readers.in_use(layout.root, history.generation, (number,))[0]:
+    if number in readers.in_use(layout.root, history.generation, (number,))[0] | rollbacks.bins_read(layout):
         say(verbose, f"bin {number}'s directory is still read through a mounted view; a later command removes it")
     else:
         recovery.remove(tree)
