@@ -415,6 +415,31 @@ def test_a_new_commit_appears_and_the_root_is_invalidated(tmp_path: Path) -> Non
     assert vfs.seeds.released == ["seed.sfs"]  # type: ignore[attr-defined]
 
 
+def test_the_fallback_numbers_of_a_view_go_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers for files the computed scheme cannot hold are kept per live view, never for every view ever seen."""
+    from squashfu_fs.read import vfs as vfs_module
+
+    monkeypatch.setattr(vfs_module, "_INO_LIMIT", 1)  # every real inode number is now "too large"
+    w = World(tmp_path)
+    ops, vfs, _ = w.ops()
+    a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    again = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    old = lookup_path(ops, b"2026-11-02/home/alice/a.txt")
+    assert a.st_ino == again.st_ino != old.st_ino and a.st_ino < 1 << vfs_module.VIEW_SHIFT
+    views = set(vfs._fallback)
+    assert len(views) == 2
+    w.history = w.history.with_seed(  # a resquash: both views retire
+        Seed(file="seed.2.sfs", generation=2, time=at(1), created=at(3), absorbed=(1,)), remaining=())
+    w.save()
+    run(ops.tick)
+    for ino, node in list(vfs.nodes.items()):
+        if node.view is not None and node.view.id in views:
+            run(ops.forget, [(ino, node.nlookup)])
+    assert not views & set(vfs._fallback), "a dead view's numbers were kept"
+    fresh = lookup_path(ops, b"2026-11-03/home/alice/a.txt")
+    assert fresh.st_ino not in (a.st_ino, old.st_ino), "numbers are never handed out twice"
+
+
 def test_history_is_looked_at_only_by_housekeeping(tmp_path: Path) -> None:
     ops, vfs, _ = World(tmp_path).ops()
     checks = vfs.counters.history_checks

@@ -204,7 +204,10 @@ class Vfs:
         self.root_items: list[tuple[bytes, int, Entry]] = []
         self.snapshot_items: list[tuple[bytes, int, Entry]] = []
         self._next_view = 1
-        self._fallback: dict[tuple[int, int, int, int], int] = {}
+        # Numbers for entries the computed scheme cannot hold, per live view (dropped with the view);
+        # handed out once each, never reused, so a number the kernel may still cache stays unique.
+        self._fallback: dict[int, dict[tuple[int, int, int], int]] = {}
+        self._next_fallback = _FALLBACK_FIRST
         self._seed_refs: dict[str, int] = {}
         self._seed_dirs: dict[str, bytes] = {}  # mounted seeds, including idle ones not yet taken down
         self._idle_seeds: set[str] = set()  # no view reads them: housekeeping unmounts them
@@ -427,6 +430,7 @@ class Vfs:
     def _maybe_drop(self, view: View) -> None:
         if view.retired and view.live <= 0 and view.id in self.by_id:
             del self.by_id[view.id]
+            self._fallback.pop(view.id, None)  # no node and no listing of the view is left to use them
             for image in view.images:
                 self._seed_ref(image, -1)
 
@@ -453,13 +457,18 @@ class Vfs:
         pos = entry.layer
         st_ino = entry.st.st_ino
         if getattr(entry, "synthetic", False):
-            pos = -pos  # a file's directory of versions: not the file's own number
-        elif pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
+            # A file's directory of versions is not the file: number it from the top of the layer field down.
+            pos = _LAYER_LIMIT - pos if _LAYER_LIMIT - pos > len(view.layers) else -pos
+        if 0 < pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
             return (view.id << VIEW_SHIFT) | (pos << LAYER_SHIFT) | st_ino
-        key = (view.id, pos, entry.st.st_dev, st_ino)
-        ino = self._fallback.get(key)
+        table = self._fallback.setdefault(view.id, {})
+        key = (pos, entry.st.st_dev, st_ino)
+        ino = table.get(key)
         if ino is None:
-            ino = self._fallback[key] = _FALLBACK_FIRST + len(self._fallback)
+            if self._next_fallback >= 1 << VIEW_SHIFT:
+                raise SquashfuError("this mount has numbered too many unusual files; remount it")
+            ino = table[key] = self._next_fallback
+            self._next_fallback += 1
         return ino
 
     def remember(self, ino: int, view: View | None, entry: Entry, parent: int = 0, name: bytes = b"") -> Node:
