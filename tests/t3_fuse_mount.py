@@ -447,7 +447,7 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
         proc = as_nobody("-r", made.root, "mount", mp)
         assert proc.returncode == 0, proc.stderr
         try:
-            seeds = [e.mount_point for e in mounts.mount_table() if e.fstype == "fuse.squashfuse"]
+            seeds = [e.mount_point for e in mounts.mount_table() if e.fstype == "fuse.squashfuse_ll"]
             images = 1 + sum(layers.sealed(b) for b in made.history.bins)  # each image mounted once
             assert len(seeds) == images and all(m.startswith(os.fsencode(private)) for m in seeds), seeds
             table = ViewTable.from_history(made.history)
@@ -457,6 +457,16 @@ def test_a_normal_user_reaches_the_seed_through_squashfuse(made: HandMade, scrat
                     want, got = listing_as_nobody(kernel), listing_as_nobody(mp / name)
                 assert len(got[0]) > 100 and got[1]
                 assert got == want, (name, sorted(set(got[0]) ^ set(want[0]))[:6], got[2], want[2])
+            # Hard links of the seed share one number, and a number outlives the kernel forgetting the file.
+            with made.kernel_view("seed") as kernel:
+                groups = snapshot(os.fsencode(kernel))[1]
+            assert groups, "the tree generator makes hard links"
+            for group in groups:
+                paths = [os.fsdecode(mp / "seed" / os.fsdecode(p)) for p in sorted(group)]
+                first = run_as_nobody(["stat", "-c", "%i", *paths]).stdout.split()
+                Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel forgets: FUSE forget to both daemons
+                again = run_as_nobody(["stat", "-c", "%i", *paths]).stdout.split()
+                assert len(set(first)) == 1 and first == again, (sorted(group), first, again)
             done = as_nobody("umount", mp)
             assert done.returncode == 0, done.stderr
             for _ in range(250):

@@ -17,7 +17,7 @@ PACKAGES = {
     "mount": "mount",
     "umount": "mount",
     "fusermount3": "fuse3",
-    "squashfuse": "squashfuse",
+    "squashfuse_ll": "squashfuse",
 }
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]

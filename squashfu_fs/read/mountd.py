@@ -93,8 +93,11 @@ class SeedMounts:
             if self.loop:
                 mounts.mount_squashfs(image, target)
             else:
-                run(["squashfuse", "-o", "ro,nosuid,nodev,noexec", image, target],
-                    what=f"mounting {image} with squashfuse")
+                # The low-level daemon: it gives each file the image's own inode number, so hard links
+                # share one and a number survives the kernel forgetting the file (the high-level
+                # squashfuse numbers files as it meets them). Large numbers go to Vfs's fallback table.
+                run(["squashfuse_ll", "-o", "ro,nosuid,nodev,noexec", image, target],
+                    what=f"mounting {image} with squashfuse_ll")
         log.info("seed %s mounted on %s", file_name, target)
         return os.fsencode(target)
 
@@ -128,7 +131,7 @@ def check_mount(root: Path, mountpoint: Path) -> RootLayout:
     if not os.path.exists("/dev/fuse"):
         raise SquashfuError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
     if os.geteuid() != 0:
-        require("squashfuse")
+        require("squashfuse_ll")
         require("fusermount3")
     return layout
 
