@@ -51,6 +51,14 @@ def squashfu(*args: str | os.PathLike[str], now: str | None = None, env: dict[st
     return proc
 
 
+def holds_a_file(top: Path) -> bool:
+    """Whether a regular file lies anywhere below ``top``."""
+    for dirpath, _dirs, files in os.walk(top):
+        if any(stat.S_ISREG(os.lstat(os.path.join(dirpath, name)).st_mode) for name in files):
+            return True
+    return False
+
+
 def backup_paused_in_rsync(root: Path, pause: float, now: str = "2026-11-03T02:00", *,
                            full: bool = True) -> subprocess.Popen[bytes]:
     """A backup that holds the lock (and with ``full`` its union) for ``pause`` seconds once rsync started, then dies.
@@ -67,7 +75,8 @@ def backup_paused_in_rsync(root: Path, pause: float, now: str = "2026-11-03T02:0
     def ready() -> bool:
         if full:
             return mounts.is_mounted(root / "rw")
-        return any(p.name.startswith(".partial-") and any(p.iterdir()) for p in (root / "bins").iterdir())
+        # a regular file rsync wrote: a manifest night puts its whiteouts in before rsync starts
+        return any(p.name.startswith(".partial-") and holds_a_file(p) for p in (root / "bins").iterdir())
 
     while not ready():
         assert time.monotonic() < deadline and proc.poll() is None, "the backup never got to rsync"

@@ -109,3 +109,26 @@ def test_nothing_is_written_into_the_bin_through_a_symlink_there(tmp_path: Path)
         assert into_bin.mark_opaque(fd, [b"d"]) == 0
         assert not into_bin.withdraw(fd, b"d/x")
     assert os.listdir(outside) == []
+
+
+def test_an_rsync_started_without_a_handle_is_found_and_stopped() -> None:
+    """A signal landing inside Popen leaves rsync running with no handle: the cleanup finds it as our child."""
+    import subprocess
+    import time
+
+    from squashfu_fs.engines import rsync
+    from squashfu_fs.util import process
+
+    stray = subprocess.Popen(["rsync", "--server", "--sender", "-r", ".", "/"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)  # waits on its stdin forever
+    try:
+        deadline = time.monotonic() + 10
+        while process.command_name(stray.pid) != "rsync":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rsync._stop_strays()
+        assert stray.wait(timeout=5) == -9
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()

@@ -114,15 +114,21 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
     args = [args[0], "--info=progress2", "--no-inc-recursive", *args[1:]] if progress else list(args)
     with open(log, "a+b", opener=_private) if log is not None else tempfile.TemporaryFile() as err:
         start = err.tell()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                pass_fds=tuple(pass_fds))
+        proc: subprocess.Popen[bytes] | None = None
         try:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    pass_fds=tuple(pass_fds))
             faults.checkpoint("rsync-running")
             assert proc.stdout is not None
             out = _pump(proc.stdout, progress=progress, echo_items=echo_items, label=label)
             status = proc.wait()
         except BaseException:
-            _stop(proc)  # interrupted (SIGTERM, Ctrl-C): rsync must not write on while the caller cleans up
+            # Interrupted (SIGTERM, Ctrl-C): rsync must not write on while the caller cleans up. A signal
+            # that lands inside Popen, after the fork, leaves no handle: find that rsync as our child.
+            if proc is not None:
+                _stop(proc)
+            else:
+                _stop_strays()
             raise
         err.seek(start)
         complaints = err.read().decode(errors="replace")
@@ -155,6 +161,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     process.wait_gone(forked, timeout=10)
+
+
+def _stop_strays() -> None:
+    """Kill the rsync processes this process started but holds no handle of, and wait until they are gone."""
+    strays = [(pid, process.process_start_time(pid)) for pid in process.descendants(os.getpid())
+              if process.command_name(pid) == "rsync"]
+    for pid, _ in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid, _ in strays:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    process.wait_gone(strays, timeout=10)
 
 
 def _private(path: str, flags: int) -> int:

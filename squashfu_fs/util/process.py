@@ -76,3 +76,12 @@ def wait_gone(processes: list[tuple[int, str | None]], timeout: float) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def command_name(pid: int) -> str | None:
+    """A process's command name (/proc/PID/comm), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
