@@ -81,3 +81,7 @@ class SourceChangedError(SquashfuError):
 
 class DamagedRootError(SquashfuError):
     """``verify`` found a committed layer damaged or missing, or entries in the root history does not name."""
+
+
+class HookError(SquashfuError):
+    """A ``before_backup`` hook failed or hung past its timeout: the backup did not start."""
