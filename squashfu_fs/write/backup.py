@@ -22,14 +22,23 @@ from pathlib import Path
 
 from squashfu_fs.engines import rsync
 from squashfu_fs.engines.run import require, require_root
-from squashfu_fs.errors import HookError, InUseError, PartialBackupError, SquashfuError, UsageError, describe
+from squashfu_fs.errors import (
+    HookError,
+    InUseError,
+    MetricsError,
+    PartialBackupError,
+    SquashfuError,
+    UsageError,
+    describe,
+    exit_status,
+)
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import placement, recovery
+from squashfu_fs.store import placement, recovery, usage
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
-from squashfu_fs.util import beneath, clock, faults
+from squashfu_fs.util import beneath, clock, faults, metrics
 from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.util.say import say
 from squashfu_fs.write import changes, into_bin, unionfix
@@ -61,9 +70,25 @@ class BackupRun:
     unreadable: int = 0
     vanished: int = 0
     retention: str = "not needed"  # "done", "postponed", "failed" or "not needed"
-    dry_run: bool = False
     hooks: Hooks | None = None
     log: str | None = None
+    metrics_file: str | None = None
+    repository: dict[str, float] = dataclasses.field(default_factory=dict)  # store/usage.samples
+
+    def summary(self, status: int, message: str | None) -> dict[str, object]:
+        """The run as ``backup --json`` prints it (docs/operations.md, "Machine-readable runs")."""
+        return {
+            "command": "backup", "status": STATUS_WORDS.get(status, "failed"), "exit_status": status,
+            "root": self.root, "layer": self.layer or None, "time": self.backup_time, "duration": self.duration,
+            "files_changed": self.files_changed, "bytes_changed": self.bytes_changed,
+            "unreadable": self.unreadable, "vanished": self.vanished,
+            "retention": self.retention if self.layer else None,
+            "log": self.log if self.log and os.path.exists(self.log) else None,  # an empty log is not kept
+            "message": message,
+        }
+
+
+STATUS_WORDS = {0: "ok", 3: "warning"}
 
 
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
@@ -78,6 +103,36 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
     """
     run = BackupRun() if run is None else run
     run.root = str(root)
+    try:
+        _with_hooks(root, run, dry_run=dry_run, progress=progress, verbose=verbose, full=full,
+                    allow_source_change=allow_source_change)
+    except BaseException as exc:
+        _record_metrics(run, exit_status(exc))
+        raise
+    _record_metrics(run, 0)
+
+
+def _record_metrics(run: BackupRun, status: int) -> None:
+    """Rewrite ``metrics_file`` for this run; failing to is a warning line, never the run's status."""
+    if run.metrics_file is None:
+        return
+    ended = clock.now().timestamp()
+    samples: dict[str, float] = {
+        "squashfu_backup_last_run_timestamp_seconds": ended, "squashfu_backup_last_status": status,
+        "squashfu_backup_last_duration_seconds": run.duration or 0.0, **run.repository}
+    if run.layer and status in (0, PartialBackupError.exit_code):
+        samples.update({"squashfu_backup_last_success_timestamp_seconds": ended,
+                        "squashfu_backup_last_files_changed": run.files_changed,
+                        "squashfu_backup_last_bytes_changed": run.bytes_changed})
+    try:
+        metrics.update(run.metrics_file, run.root, samples)
+    except MetricsError as exc:
+        say(True, str(exc))
+
+
+def _with_hooks(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbose: bool, full: bool,
+                allow_source_change: bool) -> None:
+    """The backup with ``after_backup`` or ``on_error`` after it, by its exit status."""
     try:
         _backup(root, run, dry_run=dry_run, progress=progress, verbose=verbose, full=full,
                 allow_source_change=allow_source_change)
@@ -100,17 +155,6 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
             raise PartialBackupError(f"backup committed; {problem}")
 
 
-def exit_status(exc: BaseException) -> int:
-    """The exit status the CLI gives for ``exc`` (docs/commands.md, "Exit status")."""
-    if isinstance(exc, SquashfuError):
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    return 1
-
-
 def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbose: bool, full: bool,
             allow_source_change: bool) -> None:
     """The backup itself, inside the writer lock; ``run`` learns the hooks, the layer and the counts."""
@@ -118,8 +162,19 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
     for tool in ("rsync", "mksquashfs", "mount", "umount"):
         require(tool)
 
+    when = clock.now()
+    log_file = RootLayout(Path(os.path.realpath(root))).logs / f"backup-{when:%Y-%m-%dT%H%M%S}.log"
+    run.backup_time = when.isoformat(timespec="seconds")
+
     def refuse_source(config: Config) -> None:
-        """Before the lock: a source that is not there, or holds the root, is refused untouched."""
+        """Before the lock: a source that is not there, or holds the root, is refused untouched.
+
+        The config is read by now, so its hooks and metrics file apply from
+        here on: a source whose disk is missing is exactly what ``on_error`` is for.
+        """
+        if not dry_run:  # a dry run commits nothing, so no hook runs around it and no metric changes
+            run.hooks = Hooks(root, config, log_file)
+            run.metrics_file = config.metrics_file
         source = Path(config.source)
         if not source.is_dir():
             raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
@@ -131,12 +186,8 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
-        when = clock.now()
-        run.backup_time = when.isoformat(timespec="seconds")
-        log_file = layout.logs / f"backup-{when:%Y-%m-%dT%H%M%S}.log"
-        if not dry_run:  # a dry run commits nothing, so no hook runs around it
-            run.hooks = Hooks(root, config, log_file)
-        run.dry_run = dry_run
+        if not dry_run:
+            run.repository = usage.samples(layout, history)
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None
         if newest is not None and when < newest:
             raise UsageError(f"the clock ({when.isoformat()}) is before the newest backup "
@@ -157,7 +208,9 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
             history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file,
                                              allow_source_change)
             run.layer = str(history.bins[-1].number)
-        run.files_changed, run.bytes_changed = scan.files, scan.size
+        # as `list` shows the layer: a seed's files are every entry in its image
+        run.files_changed = history.seed.files if first and history.seed else scan.files
+        run.bytes_changed = scan.size
         run.vanished = _vanished(log_file, log_start)
         afterwards_failed = ""
         if len(history.bins) > config.max_bins:
@@ -177,6 +230,7 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
             except (SquashfuError, OSError) as exc:  # the bin is committed unsealed; the next backup seals it
                 afterwards_failed = "; ".join(filter(None, (
                     afterwards_failed, f"sealing failed: {describe(exc)}; the next backup retries it")))
+        run.repository = usage.samples(layout, history)
     if afterwards_failed:
         try:
             _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else (), run)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from squashfu_fs.engines.run import run_shell
+from squashfu_fs.errors import describe
 from squashfu_fs.store.config import Config
 from squashfu_fs.util.say import say
 
@@ -36,8 +37,15 @@ class Hooks:
             env.pop("SQUASHFU_STATUS", None)
         else:
             env["SQUASHFU_STATUS"] = str(status)
+        try:
+            return self._run(name, command, env)
+        except OSError as exc:  # the log cannot be written, /bin/sh is missing: the hook did not run
+            return f"hook {name} could not run: {describe(exc)}"
+
+    def _run(self, name: str, command: str, env: dict[str, str]) -> str | None:
         self.log_file.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        problem: str | None
         try:
             os.write(fd, f"squashfu: hook {name}: running {command!r}\n".encode())
             result = run_shell(command, env=env, timeout=self.config.hook_timeout, output=fd)
