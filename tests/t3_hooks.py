@@ -127,6 +127,16 @@ def test_a_failing_on_error_keeps_the_status_and_adds_a_line(scratch: Path) -> N
     assert "hook before_backup failed (exit 1)" in lines[1], lines
 
 
+def test_on_error_runs_when_the_source_is_missing(scratch: Path) -> None:
+    record = scratch / "record"
+    src, root = make_root(scratch, before_backup=recorder(record, "before"), on_error=recorder(record, "error"))
+    src.rename(scratch / "unplugged")  # the data disk did not come up: exactly what on_error is for
+    line = one_line(squashfu("-r", root, "backup", now="2026-11-02T02:00", expect=2))
+    assert "missing or not a directory" in line, line
+    assert seen(record) == [["error", str(root), "2", ""]]
+    assert history(root)["seed"] is None
+
+
 @pytest.mark.parametrize(("setting", "value", "message"), [
     ("before_backup", 5, "before_backup must be a string"),
     ("after_backup", " ", "after_backup is empty"),
