@@ -8,6 +8,8 @@ not what squashfu says it gave them.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -116,6 +118,15 @@ def test_a_failing_after_backup_is_a_warning_on_a_committed_night(scratch: Path)
     assert line.startswith("squashfu: backup committed; hook after_backup failed (exit 4)"), line
     assert history(root)["seed"] is not None
     assert seen(record) == []  # the night is committed: on_error is for nights that are not
+
+
+def test_after_backup_gets_status_3_on_a_night_with_a_warning(scratch: Path) -> None:
+    record = scratch / "record"
+    src, root = make_root(scratch, after_backup=recorder(record, "after"), on_error=recorder(record, "error"))
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    os.mknod(src / "zero-device", stat.S_IFCHR | 0o600, os.makedev(0, 0))  # cannot be stored: exit 3
+    squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=3)
+    assert seen(record) == [["after", str(root), "0", "seed"], ["after", str(root), "3", "1"]]
 
 
 def test_a_failing_on_error_keeps_the_status_and_adds_a_line(scratch: Path) -> None:
