@@ -158,12 +158,17 @@ def test_verify_json_and_metrics_keep_the_backup_metrics(scratch: Path) -> None:
     assert m["squashfu_backup_last_status"] == 0
 
 
-def test_list_json_error_is_an_object_on_stderr(scratch: Path) -> None:
+@pytest.mark.parametrize("command", ["list", "verify", "backup", "deleted"])
+def test_json_errors_are_one_object_on_stderr(scratch: Path, command: str) -> None:
     (scratch / "not-a-root").mkdir()
-    out, err = run_json("-r", scratch / "not-a-root", "list", "--json", expect=2)
-    assert out is None and len(err) == 1
+    out, err = run_json("-r", scratch / "not-a-root", command, "--json", expect=2)
+    assert len(err) == 1
     error = stderr_object(err)
-    assert error["command"] == "list" and error["status"] == "failed" and error["exit_status"] == 2
+    assert error["command"] == command and error["status"] == "failed" and error["exit_status"] == 2
+    if command == "backup":  # a backup's summary is printed whether or not it committed
+        assert out["status"] == "failed" and out["layer"] is None and out["message"] == error["error"]
+    else:
+        assert out is None
     assert "not a squashfu backup root" in error["error"]
 
 
