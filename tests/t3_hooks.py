@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .harness import history, one_line, squashfu
+from .harness import CLI, history, one_line, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -108,6 +110,29 @@ def test_a_hanging_hook_is_killed_with_its_children_at_its_timeout(scratch: Path
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), f"the hook's background child {child} outlived it"
+
+
+def test_squashfu_terminated_during_a_hook_takes_the_hook_down(scratch: Path) -> None:
+    record, pids = scratch / "record", scratch / "pids"
+    _, root = make_root(scratch, before_backup=f"sleep 300 & echo $! > {pids}; sleep 300",
+                        on_error=recorder(record, "error"))
+    env = {**os.environ, "SQUASHFU_NOW": "2026-11-02T02:00"}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "backup"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the hook never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # systemd stopping the unit
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert seen(record) == [["error", str(root), str(128 + signal.SIGTERM), ""]]
+    child = int(pids.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), f"the hook's background child {child} outlived squashfu"
+    assert history(root)["seed"] is None
 
 
 def test_a_failing_after_backup_is_a_warning_on_a_committed_night(scratch: Path) -> None:
