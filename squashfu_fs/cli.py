@@ -9,6 +9,7 @@ carries its status, any other error is a failure (1). ``--debug`` (or
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -70,11 +71,31 @@ class SquashfuGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, status: int) -> None:
-    """One line on stderr (control characters in names escaped), the traceback too with --debug."""
+    """One line on stderr (control characters in names escaped), the traceback too with --debug.
+
+    Under ``--json`` the line is one JSON object (docs/operations.md, "Machine-readable runs").
+    """
     if ctx.params.get("debug"):
         traceback.print_exc()
-    say(True, message)
+    if ctx.meta.get(JSON_ERRORS):
+        print(json.dumps({"command": ctx.invoked_subcommand, "status": "warning" if status == 3 else "failed",
+                          "exit_status": status, "error": message}), file=sys.stderr, flush=True)
+    else:
+        say(True, message)
     sys.exit(status)
+
+
+JSON_ERRORS = "squashfu.json_errors"
+
+
+def _json_errors() -> None:
+    """From here on, this command's final error line is a JSON object on stderr."""
+    click.get_current_context().meta[JSON_ERRORS] = True
+
+
+def _emit(data: dict[str, Any]) -> None:
+    """A command's one JSON result object on stdout, in the style ``list`` and ``verify`` share."""
+    click.echo(json.dumps(data, indent=2))
 
 
 progress_option = click.option(
@@ -130,15 +151,41 @@ def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
               help="Let rsync compare the whole tree instead of trusting the change manifest.")
 @click.option("--allow-source-change", is_flag=True,
               help="Back up a source that is empty or on another filesystem than at the last backup.")
+@click.option("--json", "as_json", is_flag=True,
+              help="End with one JSON object on stdout (the run's summary); errors as JSON on stderr.")
 @progress_option
 @verbose_option
-def backup(root: Path, dry_run: bool, full: bool, allow_source_change: bool, progress: bool | None,
-           verbose: bool) -> None:
+def backup(root: Path, dry_run: bool, full: bool, allow_source_change: bool, as_json: bool,
+           progress: bool | None, verbose: bool) -> None:
     """Back up the source: the first run makes the seed, later runs add a bin."""
-    from squashfu_fs.write.backup import run_backup
+    from squashfu_fs.errors import exit_status
+    from squashfu_fs.write.backup import BackupRun, run_backup
 
-    run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full,
-               allow_source_change=allow_source_change)
+    if as_json and dry_run:
+        raise click.UsageError("--json and --dry-run cannot be combined (a dry run lists what would change)")
+    if as_json:
+        _json_errors()
+    run = BackupRun()
+    try:
+        run_backup(root, dry_run=dry_run, progress=_want_progress(progress), verbose=verbose, full=full,
+                   allow_source_change=allow_source_change, run=run)
+    except BaseException as exc:
+        if as_json:
+            _emit(run.summary(exit_status(exc), _message(exc)))
+        raise
+    if as_json:
+        _emit(run.summary(0, None))
+
+
+def _message(exc: BaseException) -> str:
+    """The one line an error ends a command with, as the summary's ``message``."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):
+        return f"terminated (exit {exc.code})"
+    if isinstance(exc, SquashfuError | OSError):
+        return describe(exc)
+    return f"internal error: {describe(exc)}"
 
 
 @main.command("list")
@@ -148,6 +195,8 @@ def list_(root: Path, as_json: bool) -> None:
     """The seed and every bin, with sizes and totals."""
     from squashfu_fs.read.report import list_report
 
+    if as_json:
+        _json_errors()
     click.echo(list_report(root, as_json=as_json), nl=False)
 
 
@@ -230,6 +279,8 @@ def diff(root: Path, view_a: str, view_b: str, as_json: bool, verbose: bool) -> 
     """What changed from VIEW_A to VIEW_B, found from the bins between them."""
     from squashfu_fs.read.layerdiff import diff_layers
 
+    if as_json:
+        _json_errors()
     _out(diff_layers(root, view_a, view_b, as_json=as_json, verbose=verbose))
 
 
@@ -242,6 +293,8 @@ def deleted(root: Path, path: str | None, as_json: bool, verbose: bool) -> None:
     """Every path (under PATH) that a kept backup has and the newest does not."""
     from squashfu_fs.read.file_history import deleted_paths
 
+    if as_json:
+        _json_errors()
     _out(deleted_paths(root, path, as_json=as_json, verbose=verbose))
 
 
@@ -254,6 +307,8 @@ def versions(root: Path, path: str, as_json: bool, verbose: bool) -> None:
     """Every distinct version of PATH in the kept history, oldest first."""
     from squashfu_fs.read.file_history import versions_of
 
+    if as_json:
+        _json_errors()
     _out(versions_of(root, path, as_json=as_json, verbose=verbose))
 
 
@@ -284,6 +339,8 @@ def verify(root: Path, data: bool, as_json: bool, progress: bool | None) -> None
     from squashfu_fs.errors import DamagedRootError
     from squashfu_fs.read.verify import verify as do_verify
 
+    if as_json:
+        _json_errors()
     report = do_verify(root, data=data, progress=_want_progress(progress))
     click.echo(report.as_json() if as_json else report.as_text(), nl=False)
     if not report.ok:

@@ -81,3 +81,22 @@ class SourceChangedError(SquashfuError):
 
 class DamagedRootError(SquashfuError):
     """``verify`` found a committed layer damaged or missing, or entries in the root history does not name."""
+
+
+class HookError(SquashfuError):
+    """A ``before_backup`` hook failed or hung past its timeout: the backup did not start."""
+
+
+class MetricsError(SquashfuError):
+    """``metrics_file`` could not be written; the run it describes is unaffected (a warning line)."""
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status the CLI ends with for ``exc`` (docs/commands.md, "Exit status"): hooks and metrics report it."""
+    if isinstance(exc, SquashfuError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):  # SIGTERM unwinds as SystemExit(128 + 15)
+        return exc.code if isinstance(exc.code, int) else 1
+    return 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from squashfu_fs.errors import ExternalCommandError, MissingToolError, SquashfuError
 
@@ -56,3 +60,44 @@ def last_line(output: bytes) -> str:
     """The last non-empty line of a tool's output, for a one-line error."""
     lines = [ln.strip() for ln in output.decode(errors="replace").splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"
+
+
+SHELL = "/bin/sh"
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    """How a shell command line ended: its exit status, or that it was killed at its timeout."""
+
+    returncode: int
+    timed_out: bool
+
+
+def run_shell(command: str, *, env: dict[str, str], timeout: float, output: int) -> ShellResult:
+    """``/bin/sh -c COMMAND`` in its own process group, its output on the fd ``output``; killed at ``timeout``.
+
+    The one place squashfu runs a shell: an administrator's hook
+    (docs/operations.md, "Hooks"). At the timeout, and if squashfu itself is
+    interrupted meanwhile, the whole process group gets SIGKILL, so a
+    pipeline or a child the hook forked does not outlive it.
+    """
+    proc = subprocess.Popen([SHELL, "-c", command], stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                            env=env, cwd="/", start_new_session=True)
+    timed_out = False
+    try:
+        deadline = time.monotonic() + timeout
+        # Wait for the shell without reaping it: while it is unreaped its PID cannot name another group.
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_group(proc.pid)  # at the timeout, on Ctrl-C, and whatever the hook left running in its group
+        proc.wait()
+    return ShellResult(proc.returncode, timed_out=timed_out)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -54,8 +54,8 @@ def _size(path: Path) -> int:
 def list_report(root: Path, *, as_json: bool = False) -> str:
     """Render the report for a terminal, or as JSON."""
     data = rows(root)
-    if as_json:
-        return json.dumps(data, indent=2) + "\n"
+    if as_json:  # the keys every --json result object starts with (docs/operations.md)
+        return json.dumps({"command": "list", "status": "ok", "exit_status": 0, **data}, indent=2) + "\n"
     if not data["layers"]:
         return f"{root}: no backup yet\n"
     lines = [f"{'layer':>6}  {'date':10}  {'day':3}  {'time':8}  {'view':10}  {'files':>8}  {'size':>10}"]

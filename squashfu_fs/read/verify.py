@@ -35,15 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from squashfu_fs.engines.unsquashfs import Check
-from squashfu_fs.errors import SquashfuError
+from squashfu_fs.errors import ConfigError, MetricsError, SquashfuError, exit_status
 from squashfu_fs.store import digests as digest_lists
-from squashfu_fs.store import layers
+from squashfu_fs.store import layers, usage
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import CONFIG_NAME, HISTORY_NAME, RootLayout
-from squashfu_fs.store.opening import opened_root
+from squashfu_fs.store.opening import OpenedRoot, opened_root
 from squashfu_fs.store.views import ViewTable
-from squashfu_fs.util import beneath, digest
-from squashfu_fs.util.say import CONTROL
+from squashfu_fs.util import beneath, clock, digest, metrics
+from squashfu_fs.util.say import CONTROL, say
 from squashfu_fs.util.units import human
 
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -101,7 +101,8 @@ class Report:
 
     def as_json(self) -> str:
         return json.dumps({
-            "root": str(self.root), "status": "ok" if self.ok else "damaged", "data": self.data,
+            "command": "verify", "status": "ok" if self.ok else "damaged", "exit_status": 0 if self.ok else 1,
+            "root": str(self.root), "data": self.data,
             "layers": [r.as_json() for r in self.layers], "root_problems": self.root_problems,
             "debris": self.debris, "bytes_hashed": self.bytes_hashed, "seconds": round(self.seconds, 3),
         }, indent=2) + "\n"
@@ -493,9 +494,47 @@ def _read_all(fd: int) -> bytes:
 
 
 def verify(root: Path, *, data: bool = False, progress: bool = False) -> Report:
-    """Verify the committed history of ``root``; damage is in the report, never raised."""
+    """Verify the committed history of ``root``; damage is in the report, never raised.
+
+    With ``metrics_file`` in the config, the file is rewritten afterwards, for a
+    failure too (docs/operations.md, "Metrics").
+    """
     with opened_root(root, "verify", write=False) as opened:
-        return verify_history(opened.layout, opened.history, data=data, progress=progress)
+        started = time.monotonic()
+        try:
+            report = verify_history(opened.layout, opened.history, data=data, progress=progress)
+        except BaseException as exc:
+            _record_metrics(opened, exit_status(exc), time.monotonic() - started)
+            raise
+        _record_metrics(opened, 0 if report.ok else 1, report.seconds)
+        return report
+
+
+def _record_metrics(opened: OpenedRoot, status: int, seconds: float) -> None:
+    """Rewrite ``metrics_file`` for this verify; failing to is a warning line, never the status.
+
+    verify checks the history without the config, so a config it cannot read
+    costs the metrics (one line says so), not the verification.
+    """
+    try:
+        config = opened.config
+    except ConfigError as exc:
+        say(True, f"metrics_file not written: {exc}")
+        return
+    if config.metrics_file is None:
+        return
+    layout, history = opened.layout, opened.history
+    ended = clock.now().timestamp()
+    samples: dict[str, float] = {"squashfu_verify_last_run_timestamp_seconds": ended,
+                                 "squashfu_verify_last_status": status,
+                                 "squashfu_verify_last_duration_seconds": round(seconds, 3),
+                                 **usage.samples(layout, history)}
+    if status == 0:
+        samples["squashfu_verify_last_success_timestamp_seconds"] = ended
+    try:
+        metrics.update(config.metrics_file, str(layout.root), samples)
+    except MetricsError as exc:
+        say(True, str(exc))
 
 
 def verify_history(layout: RootLayout, history: History, *, data: bool = False, progress: bool = False) -> Report:

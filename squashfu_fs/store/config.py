@@ -22,6 +22,10 @@ LEVEL_RANGES: dict[str, tuple[int, int] | None] = {
 # A backup stacks every bin under one overlay mount, whose options travel in one 4 KiB page
 # (`bins/NNNNN:` is 11 bytes a layer); 300 layers leave room for the rest of the options.
 MAX_BINS_LIMIT = 300
+# The commands a backup runs around itself (docs/operations.md, "Hooks").
+HOOKS = ("before_backup", "after_backup", "on_error")
+DEFAULT_HOOK_TIMEOUT = 600  # seconds: room for a database dump, not for a hook that hangs all night
+MAX_HOOK_TIMEOUT = 86400
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class Config:
     max_bins: int = 14
     min_bins: int = 7
     seal: bool = True  # compress each committed bin into bins/N.sfs (docs/layout.md, "Sealed bins")
+    before_backup: str | None = None  # shell command lines, run with /bin/sh -c (docs/operations.md)
+    after_backup: str | None = None
+    on_error: str | None = None
+    hook_timeout: int = DEFAULT_HOOK_TIMEOUT
+    metrics_file: str | None = None  # a Prometheus textfile-collector file, rewritten after backup and verify
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
@@ -73,6 +82,22 @@ class Config:
                               "(overlay stacks every bin in one mount)")
         if not isinstance(self.seal, bool):
             raise ConfigError(f"seal must be true or false, not {self.seal!r}")
+        for hook in HOOKS:
+            command = getattr(self, hook)
+            if command is None:
+                continue
+            if not isinstance(command, str):
+                raise ConfigError(f"{hook} must be a string (a shell command line), not {command!r}")
+            if not command.strip():
+                raise ConfigError(f"{hook} is empty; remove the setting to run no hook")
+            if "\0" in command:
+                raise ConfigError(f"{hook} must not contain a NUL character")
+        _integer("hook_timeout", self.hook_timeout)
+        if not 1 <= self.hook_timeout <= MAX_HOOK_TIMEOUT:
+            raise ConfigError(f"hook_timeout must be between 1 and {MAX_HOOK_TIMEOUT} seconds, "
+                              f"not {self.hook_timeout}")
+        if self.metrics_file is not None:
+            _check_metrics_file(self.metrics_file)
         if self.min_bins < 0:
             raise ConfigError(f"min_bins must be at least 0, not {self.min_bins}")
         if self.min_bins >= self.max_bins:
@@ -100,11 +125,28 @@ class Config:
         lines += [f"max_bins = {self.max_bins}", f"min_bins = {self.min_bins}"]
         if not self.seal:
             lines.append("seal = false")
+        lines += [f"{hook} = {json.dumps(getattr(self, hook))}" for hook in HOOKS if getattr(self, hook)]
+        if self.hook_timeout != DEFAULT_HOOK_TIMEOUT:
+            lines.append(f"hook_timeout = {self.hook_timeout}")
+        if self.metrics_file is not None:
+            lines.append(f"metrics_file = {json.dumps(self.metrics_file)}")
         lines.append("")
         return "\n".join(lines)
 
 
-_KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins", "seal"}
+_KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins", "seal", *HOOKS,
+          "hook_timeout", "metrics_file"}
+
+
+def _check_metrics_file(value: object) -> None:
+    """An absolute path to a ``*.prom`` file: node_exporter's textfile collector reads only those."""
+    if not isinstance(value, str):
+        raise ConfigError(f"metrics_file must be a string, not {value!r}")
+    if not os.path.isabs(value) or "\0" in value:
+        raise ConfigError(f"metrics_file must be an absolute path, not {value!r}")
+    if value.endswith("/") or not os.path.basename(value).endswith(".prom") or os.path.basename(value) == ".prom":
+        raise ConfigError(f"metrics_file must name a file ending in .prom (the textfile collector reads "
+                          f"only those), not {value!r}")
 
 
 def load(root: Path) -> Config:
@@ -129,6 +171,11 @@ def load(root: Path) -> Config:
             max_bins=_typed(data, "max_bins", int, path, 14),
             min_bins=_typed(data, "min_bins", int, path, 7),
             seal=_typed(data, "seal", bool, path, True),
+            before_backup=_typed(data, "before_backup", str, path, None),
+            after_backup=_typed(data, "after_backup", str, path, None),
+            on_error=_typed(data, "on_error", str, path, None),
+            hook_timeout=_typed(data, "hook_timeout", int, path, DEFAULT_HOOK_TIMEOUT),
+            metrics_file=_typed(data, "metrics_file", str, path, None),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

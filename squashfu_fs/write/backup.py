@@ -22,18 +22,28 @@ from pathlib import Path
 
 from squashfu_fs.engines import rsync
 from squashfu_fs.engines.run import require, require_root
-from squashfu_fs.errors import InUseError, PartialBackupError, SquashfuError, UsageError, describe
+from squashfu_fs.errors import (
+    HookError,
+    InUseError,
+    MetricsError,
+    PartialBackupError,
+    SquashfuError,
+    UsageError,
+    describe,
+    exit_status,
+)
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import placement, recovery
+from squashfu_fs.store import placement, recovery, usage
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
-from squashfu_fs.util import beneath, clock, faults
+from squashfu_fs.util import beneath, clock, faults, metrics
 from squashfu_fs.util.durable import fsync_dir, syncfs
 from squashfu_fs.util.say import say
 from squashfu_fs.write import changes, into_bin, unionfix
 from squashfu_fs.write.excludes import Excludes
+from squashfu_fs.write.hooks import Hooks
 from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_layer
 from squashfu_fs.write.retention import resquash
 from squashfu_fs.write.seal import list_digests, seal_all
@@ -42,15 +52,129 @@ from squashfu_fs.write.source import check_source, own_mounts_below, source_open
 from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, stage_tree
 
 
+@dataclasses.dataclass
+class BackupRun:
+    """What one run did, filled in as it goes: the hooks' context and the run summary (``backup --json``).
+
+    ``layer`` is the layer the run committed (``"seed"`` or the bin's number),
+    empty while nothing is committed.
+    """
+
+    root: str = ""
+    backup_time: str | None = None  # the backup's time as history records it
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    duration: float | None = None
+    layer: str = ""
+    files_changed: int = 0
+    bytes_changed: int = 0
+    unreadable: int = 0
+    vanished: int = 0
+    retention: str = "not needed"  # "done", "postponed", "failed" or "not needed"
+    hooks: Hooks | None = None
+    log: str | None = None
+    metrics_file: str | None = None
+    repository: dict[str, float] = dataclasses.field(default_factory=dict)  # store/usage.samples
+
+    def summary(self, status: int, message: str | None) -> dict[str, object]:
+        """The run as ``backup --json`` prints it (docs/operations.md, "Machine-readable runs")."""
+        return {
+            "command": "backup", "status": STATUS_WORDS.get(status, "failed"), "exit_status": status,
+            "root": self.root, "layer": self.layer or None, "time": self.backup_time, "duration": self.duration,
+            "files_changed": self.files_changed, "bytes_changed": self.bytes_changed,
+            "unreadable": self.unreadable, "vanished": self.vanished,
+            "retention": self.retention if self.layer else None,
+            "log": self.log if self.log and os.path.exists(self.log) else None,  # an empty log is not kept
+            "message": message,
+        }
+
+
+STATUS_WORDS = {0: "ok", 3: "warning"}
+
+
 def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
-               verbose: bool = False, full: bool = False, allow_source_change: bool = False) -> None:
-    """One night's backup: the seed on the first run, a new bin afterwards, then retention."""
+               verbose: bool = False, full: bool = False, allow_source_change: bool = False,
+               run: BackupRun | None = None) -> None:
+    """One night's backup: the seed on the first run, a new bin afterwards, then retention; hooks around it.
+
+    ``after_backup`` runs when the night is committed (exit status 0 or 3),
+    ``on_error`` for every other status, both after the lock is released
+    (docs/operations.md, "Hooks"). A failing ``after_backup`` turns a success into
+    exit status 3; a failing ``on_error`` adds a warning line and keeps the status.
+    """
+    run = BackupRun() if run is None else run
+    run.root = str(root)
+    try:
+        _with_hooks(root, run, dry_run=dry_run, progress=progress, verbose=verbose, full=full,
+                    allow_source_change=allow_source_change)
+    except BaseException as exc:
+        _record_metrics(run, exit_status(exc))
+        raise
+    _record_metrics(run, 0)
+
+
+def _record_metrics(run: BackupRun, status: int) -> None:
+    """Rewrite ``metrics_file`` for this run; failing to is a warning line, never the run's status."""
+    if run.metrics_file is None:
+        return
+    ended = clock.now().timestamp()
+    samples: dict[str, float] = {
+        "squashfu_backup_last_run_timestamp_seconds": ended, "squashfu_backup_last_status": status,
+        "squashfu_backup_last_duration_seconds": run.duration or 0.0, **run.repository}
+    if run.layer and status in (0, PartialBackupError.exit_code):
+        samples.update({"squashfu_backup_last_success_timestamp_seconds": ended,
+                        "squashfu_backup_last_files_changed": run.files_changed,
+                        "squashfu_backup_last_bytes_changed": run.bytes_changed})
+    try:
+        metrics.update(run.metrics_file, run.root, samples)
+    except MetricsError as exc:
+        say(True, str(exc))
+
+
+def _with_hooks(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbose: bool, full: bool,
+                allow_source_change: bool) -> None:
+    """The backup with ``after_backup`` or ``on_error`` after it, by its exit status."""
+    try:
+        _backup(root, run, dry_run=dry_run, progress=progress, verbose=verbose, full=full,
+                allow_source_change=allow_source_change)
+    except BaseException as exc:
+        status = exit_status(exc)
+        run.duration = round(time.monotonic() - run.started, 3)
+        if run.hooks is None:
+            raise
+        if status == PartialBackupError.exit_code and run.layer:
+            problem = run.hooks.run("after_backup", status=status, layer=run.layer)
+            if problem:
+                raise PartialBackupError(f"{exc}; {problem}") from None
+        else:
+            run.hooks.warn("on_error", status=status, layer=run.layer)
+        raise
+    run.duration = round(time.monotonic() - run.started, 3)
+    if run.hooks is not None:
+        problem = run.hooks.run("after_backup", status=0, layer=run.layer)
+        if problem:
+            raise PartialBackupError(f"backup committed; {problem}")
+
+
+def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbose: bool, full: bool,
+            allow_source_change: bool) -> None:
+    """The backup itself, inside the writer lock; ``run`` learns the hooks, the layer and the counts."""
     require_root("backup")
     for tool in ("rsync", "mksquashfs", "mount", "umount"):
         require(tool)
 
+    when = clock.now()
+    log_file = RootLayout(Path(os.path.realpath(root))).logs / f"backup-{when:%Y-%m-%dT%H%M%S}.log"
+    run.backup_time = when.isoformat(timespec="seconds")
+
     def refuse_source(config: Config) -> None:
-        """Before the lock: a source that is not there, or holds the root, is refused untouched."""
+        """Before the lock: a source that is not there, or holds the root, is refused untouched.
+
+        The config is read by now, so its hooks and metrics file apply from
+        here on: a source whose disk is missing is exactly what ``on_error`` is for.
+        """
+        if not dry_run:  # a dry run commits nothing, so no hook runs around it and no metric changes
+            run.hooks = Hooks(root, config, log_file)
+            run.metrics_file = config.metrics_file
         source = Path(config.source)
         if not source.is_dir():
             raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
@@ -62,7 +186,8 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
-        when = clock.now()
+        if not dry_run:
+            run.repository = usage.samples(layout, history)
         newest = history.bins[-1].when if history.bins else history.seed.when if history.seed else None
         if newest is not None and when < newest:
             raise UsageError(f"the clock ({when.isoformat()}) is before the newest backup "
@@ -70,21 +195,34 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
         if dry_run:
             _dry_run(layout, history, config)
             return
-        log_file = layout.logs / f"backup-{when:%Y-%m-%dT%H%M%S}.log"
+        run.log = str(log_file)
+        problem = run.hooks.run("before_backup") if run.hooks else None
+        if problem:
+            raise HookError(f"{problem}; nothing was backed up")
+        log_start = log_file.stat().st_size if log_file.exists() else 0  # what rsync writes comes after
         first = history.seed is None
         if first:
             history, scan, result = _make_first_seed(layout, history, config, when, progress, verbose, log_file)
+            run.layer = "seed"
         else:
             history, scan, result = _add_bin(layout, history, config, when, progress, verbose, full, log_file,
                                              allow_source_change)
+            run.layer = str(history.bins[-1].number)
+        # as `list` shows the layer: a seed's files are every entry in its image
+        run.files_changed = history.seed.files if first and history.seed else scan.files
+        run.bytes_changed = scan.size
+        run.vanished = _vanished(log_file, log_start)
         afterwards_failed = ""
         if len(history.bins) > config.max_bins:
             try:
                 history = resquash(layout, history, config, keep=config.min_bins, progress=progress,
                                    verbose=verbose)
+                run.retention = "done"
             except InUseError as exc:  # the backup itself is committed: say why retention waits
+                run.retention = "postponed"
                 say(True, f"backup committed; retention postponed: {exc}")
             except (SquashfuError, OSError) as exc:  # committed all the same: exit 3, not 1 (docs/commands.md)
+                run.retention = "failed"
                 afterwards_failed = f"retention failed: {describe(exc)}; the next backup retries it"
         if config.seal and not first:  # after retention: a bin it absorbs need not be sealed first
             try:
@@ -92,17 +230,28 @@ def run_backup(root: Path, *, dry_run: bool = False, progress: bool = False,
             except (SquashfuError, OSError) as exc:  # the bin is committed unsealed; the next backup seals it
                 afterwards_failed = "; ".join(filter(None, (
                     afterwards_failed, f"sealing failed: {describe(exc)}; the next backup retries it")))
+        run.repository = usage.samples(layout, history)
     if afterwards_failed:
         try:
-            _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
+            _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else (), run)
         except PartialBackupError as exc:
             raise PartialBackupError(f"{exc}; {afterwards_failed}") from None
         raise PartialBackupError(f"backup committed; {afterwards_failed}")
-    _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else ())
+    _report_problems(log_file, scan, result, verbose, scan.acl_paths if first else (), run)
     _tidy_logs(layout, log_file)
 
 
 KEEP_LOGS = 100
+
+
+def _vanished(log_file: Path, start: int) -> int:
+    """How many files rsync found gone when it came to copy them (its status 24), from the run's log."""
+    try:
+        with open(log_file, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as log:
+            log.seek(start)
+            return sum(1 for line in log if line.startswith(b"file has vanished: "))
+    except FileNotFoundError:
+        return 0
 
 
 def _tidy_logs(layout: RootLayout, log_file: Path) -> None:
@@ -115,7 +264,7 @@ def _tidy_logs(layout: RootLayout, log_file: Path) -> None:
 
 
 def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult, verbose: bool,
-                     seed_acls: tuple[bytes, ...] = ()) -> None:
+                     seed_acls: tuple[bytes, ...] = (), run: BackupRun | None = None) -> None:
     """Exit status 3 when the committed backup misses something; the log names every entry."""
     notes = [(b"a 0:0 character device cannot be stored (it reads as a deletion): ", scan.whiteout_devices),
              (b"SquashFS cannot store POSIX ACLs: the seed has this entry without its ACL, the next backup "
@@ -132,6 +281,8 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
     missing = []
     if result.partial or scan.whiteout_devices:
         unreadable = sum(1 for line in result.errors if not line.startswith("rsync error:"))
+        if run is not None:
+            run.unreadable = unreadable + len(scan.whiteout_devices)
         missing.append(f"{unreadable + len(scan.whiteout_devices)} source file(s) could not be backed up")
     if seed_acls:
         missing.append(f"the seed cannot store the POSIX ACLs of {len(seed_acls)} entries "
