@@ -310,6 +310,23 @@ def test_the_top_directory_keeps_its_owner_and_mode_on_a_night_it_did_not_change
             assert (view / "a" / "b" / "f").read_text() == "tuesday\n", how
 
 
+def test_an_acl_on_the_source_top_keeps_its_bin_a_directory(scratch: Path) -> None:
+    """The top's ACL is every view's: a bin whose top carries one is not sealed into SquashFS, which would drop it."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "f").write_text("monday\n")
+    os.chmod(src, 0o700)
+    subprocess.run(["setfacl", "-m", "u:1234:rx", src], check=True)
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00", expect=3)  # the seed cannot hold it: said, exit 3
+    (src / "a" / "f").write_text("tuesday\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert history(root)["bins"][-1]["format"] != "sealed" and history(root)["bins"][-1]["acls"]
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert acl_of(mp) == acl_of(src), "the view's top lost the source top's ACL"
+        assert "user:1234:r-x" in subprocess.run(["getfacl", "-n", mp], capture_output=True, text=True).stdout
+
+
 def test_a_path_deleted_between_the_walk_and_rsync_is_not_an_error(scratch: Path) -> None:
     """The changed list can name a file that is gone by the time rsync looks: skip it quietly."""
     from squashfu_fs.engines import rsync

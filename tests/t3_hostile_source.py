@@ -147,6 +147,23 @@ def fill(src: Path, count: int = 10) -> None:
         (src / f"f{i}").write_text(f"file {i}\n")
 
 
+def test_an_xattr_on_the_source_top_the_root_cannot_hold_commits_with_exit_3(tmpfs_source: Path,
+                                                                              scratch: Path) -> None:
+    """tmpfs holds a user xattr bigger than ext4 can: each night commits, says so with exit 3, never fails."""
+    src, root = tmpfs_source, scratch / "root"
+    fill(src)
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    os.setxattr(src, "user.big", b"x" * 16000)  # ext4 keeps at most one block of xattrs per inode
+    (src / "f1").write_text("changed\n")
+    for night in ("2026-11-03T02:00", "2026-11-04T02:00"):
+        proc = squashfu("-r", root, "backup", now=night, expect=3)
+        assert "could not be backed up" in one_line(proc), proc.stderr
+    assert history(root)["bins"][0]["compare"] == "manifest"  # then, like any partial night, a full compare
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert (mp / "f1").read_text() == "changed\n"
+
+
 def test_a_source_disk_that_did_not_come_up_is_refused(tmpfs_source: Path, scratch: Path) -> None:
     src, root = tmpfs_source, scratch / "root"
     fill(src)

@@ -394,7 +394,13 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                                                                log_file=log_file)
             if plan is not None:  # rsync saw the top only if it changed, but the bin's top is every view's top
                 with beneath.opened_root(partial) as bin_fd:
-                    into_bin.copy_top(source_fd, bin_fd)
+                    failed = into_bin.copy_top(source_fd, bin_fd)
+                if failed:  # reported like a file rsync could not copy: committed, exit 3, named in the log
+                    with open(log_file, "a") as log:
+                        log.writelines(f"squashfu: the source's top directory: xattr {f}\n" for f in failed)
+                    result = dataclasses.replace(
+                        result, status=rsync.PARTIAL if result.status in (rsync.OK, rsync.VANISHED) else result.status,
+                        errors=result.errors + tuple(f"xattr of the source's top directory {f}" for f in failed))
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise

@@ -96,21 +96,29 @@ def mark_opaque(bin_fd: int, directories: Iterable[bytes]) -> int:
     return marked
 
 
-def copy_top(source_fd: int, bin_fd: int) -> None:
+def copy_top(source_fd: int, bin_fd: int) -> list[str]:
     """Give the bin's top directory the source top's owner, mode, xattrs (ACLs included) and times.
 
     A view's top directory is its newest bin's, so a night on which the top
     itself did not change (rsync was not given it) must not leave it as
-    squashfu made it: a private source would read as ``root 0755``.
+    squashfu made it: a private source would read as ``root 0755``. An xattr
+    that cannot be copied is skipped and returned (name: reason), as rsync
+    skips it and says so, rather than failing every night.
     """
     st = os.fstat(source_fd)
     os.chown(bin_fd, st.st_uid, st.st_gid)
     os.chmod(bin_fd, stat.S_IMODE(st.st_mode))
+    failed = []
     for name in os.listxattr(source_fd):
         raw = os.fsencode(name)
         target = ESCAPED_PREFIX + raw[len(OVERLAY_PREFIX):] if raw.startswith(OVERLAY_PREFIX) else raw
-        os.setxattr(bin_fd, target, os.getxattr(source_fd, name))
+        try:
+            os.setxattr(bin_fd, target, os.getxattr(source_fd, name))
+        except OSError as exc:  # gone meanwhile, or one the backup's filesystem cannot hold: as rsync, go on
+            if exc.errno != errno.ENODATA:
+                failed.append(f"{name}: {exc.strerror}")
     os.utime(bin_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return failed
 
 
 def escape_overlay_xattrs(source_fd: int, bin_fd: int, paths: Iterable[bytes]) -> int:

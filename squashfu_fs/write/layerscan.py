@@ -54,6 +54,9 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
     opaque: list[bytes] = []
     top_b = os.fsencode(top)
     stack = [top_b]
+    with contextlib.suppress(OSError):  # the top is every view's top: its ACLs count too
+        if any(x in unionfix.ACL_XATTRS for x in os.listxattr(top_b)):
+            acls.append(b".")
     with contextlib.ExitStack() as opened:
         source_fd: int | None = None
         while stack:
