@@ -250,6 +250,24 @@ def test_a_directory_private_once_stays_private_in_versions(tmp_path: Path) -> N
     assert stat.S_IMODE(lookup_path(ops, b"versions/dir").st_mode) == 0o700
 
 
+def test_versions_of_a_directory_that_changed_hands_are_roots_alone(tmp_path: Path) -> None:
+    """Bits cannot say who could enter when the owner changed: such a directory of versions/ is root's, 0500."""
+    world = World(tmp_path)
+    os.chown(world.layout.bin(1) / "dir", 1234, 1234)
+    ops, _, _ = world.ops()
+    st = lookup_path(ops, b"versions/dir")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o500)
+    assert lookup_path(ops, b"2026-11-03/dir").st_uid == 1234
+
+
+def test_hard_links_have_a_directory_of_versions_each(tmp_path: Path) -> None:
+    """hard1 and hard2 share an inode in the seed; their histories are two directories, two numbers."""
+    ops, _, _ = World(tmp_path).ops()
+    one, two = lookup_path(ops, b"versions/hard1"), lookup_path(ops, b"versions/hard2")
+    assert one.st_ino != two.st_ino
+    assert lookup_path(ops, b"versions/hard1").st_ino == one.st_ino, "and each keeps its number"
+
+
 def test_lookup_inside_a_view_builds_its_stack_once(tmp_path: Path) -> None:
     ops, vfs, _ = World(tmp_path).ops()
     a = lookup_path(ops, b"2026-11-03/home/alice/a.txt")

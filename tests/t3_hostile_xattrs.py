@@ -84,6 +84,25 @@ def test_a_sources_trusted_overlay_xattrs_set_on_a_manifest_night_hide_nothing(s
             assert os.getxattr(top / "f", "trusted.overlay.redirect") == b"/d", how
 
 
+def test_a_sources_trusted_overlay_xattr_survives_on_a_parent_that_did_not_change(scratch: Path) -> None:
+    """rsync -R makes the parents of a changed file in the bin: they keep the source's own trusted.overlay.*."""
+    src, root = scratch / "src", scratch / "root"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("monday\n")
+    (src / "d" / "g").write_text("stays\n")
+    os.setxattr(src / "d", "trusted.overlay.opaque", b"y")
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    before = (src / "d").stat().st_ctime_ns
+    (src / "d" / "f").write_text("tuesday\n")  # d itself does not change
+    assert (src / "d").stat().st_ctime_ns == before
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    assert history(root)["bins"][-1]["compare"] == "manifest"
+    with rolled_back(root, "latest", scratch / "mp") as mp:
+        assert os.getxattr(mp / "d", "trusted.overlay.opaque") == b"y", "the parent lost the source's xattr"
+        assert sorted(os.listdir(mp / "d")) == ["f", "g"]
+
+
 def setcap(path: Path, caps: str) -> bytes:
     subprocess.run(["setcap", caps, path], check=True)
     return os.getxattr(path, CAP)

@@ -155,10 +155,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     """
     if proc.poll() is not None:
         return
-    forked = [(pid, process.process_start_time(pid)) for pid in process.descendants(proc.pid)]
-    for pid in [proc.pid, *(pid for pid, _ in forked)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    forked: list[tuple[int, str | None]] = []
+    for _ in range(5):  # the children first, while rsync lives to be their parent; again for a late fork
+        found = [(pid, start) for pid in process.descendants(proc.pid)
+                 if (pid, start := process.process_start_time(pid)) not in forked and start is not None]
+        for pid, _ in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        forked += found
+        if not found:
+            break
+    proc.kill()
     proc.wait()
     process.wait_gone(forked, timeout=10)
 

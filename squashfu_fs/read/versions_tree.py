@@ -49,20 +49,43 @@ class DirStat:
         self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = st.st_mtime_ns
 
 
-class Restricted:
-    """A directory's newest attributes, with only the permission bits every backup of it granted.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
-    ``versions/`` shows names that lived in a directory at any time; if the
-    directory was private then (say 0700), its names stay hidden now.
+
+class Restricted:
+    """A directory of ``versions/``: no one gets in who could not get into every backup of it.
+
+    It shows names that lived in the directory at any time, so it grants only
+    the permission bits every backup of it granted (a directory 0700 once
+    keeps the names it held then hidden). If its owner or group ever changed,
+    or any backup of it carried a POSIX ACL, bits cannot say who could get in
+    when: it is root's alone (0500, its ACLs not shown).
     """
 
-    def __init__(self, st: os.stat_result, allowed: int) -> None:
+    def __init__(self, versions: Sequence[tuple[bytes, os.stat_result]]) -> None:
+        st = versions[0][1]
         self._st = st
-        self.st_mode = stat.S_IFMT(st.st_mode) | (stat.S_IMODE(st.st_mode) & allowed)
+        owners = {(older.st_uid, older.st_gid) for _, older in versions}
+        self.root_only = len(owners) > 1 or any(_has_acl(path) for path, _ in versions)
+        if self.root_only:
+            self.st_uid = self.st_gid = 0
+            self.st_mode = stat.S_IFDIR | 0o500
+        else:
+            allowed = 0o7777
+            for _, older in versions:
+                allowed &= older.st_mode
+            self.st_mode = stat.S_IFMT(st.st_mode) | (stat.S_IMODE(st.st_mode) & allowed)
 
     def __getattr__(self, name: str) -> int:
         value: int = getattr(self._st, name)
         return value
+
+
+def _has_acl(path: bytes) -> bool:
+    try:
+        return any(os.fsencode(x) in ACL_XATTRS for x in os.listxattr(path, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 def version_name(snapshot: str, name: bytes) -> bytes:
@@ -116,15 +139,12 @@ def _entry(hits: list[tuple[int, bytes, os.stat_result]]) -> VersionsEntry:
     """What one name is across the layers (newest first): a directory if any layer has one, else versions."""
     dirs = [(pos, path, st) for pos, path, st in hits if stat.S_ISDIR(st.st_mode)]
     if dirs:
-        st = dirs[0][2]
-        allowed = 0o7777
-        for _, _, older in dirs:
-            allowed &= older.st_mode  # a directory private once keeps what it held then private
-        return VersionsEntry(Restricted(st, allowed), tuple((pos, path) for pos, path, _ in dirs), TREE)
+        return VersionsEntry(Restricted([(path, st) for _, path, st in dirs]),
+                             tuple((pos, path) for pos, path, _ in dirs), TREE)
     return VersionsEntry(DirStat(hits[0][2]), tuple((pos, path) for pos, path, _ in hits), VERSIONS, synthetic=True)
 
 
 def root(layers: Sequence[bytes]) -> VersionsEntry:
-    """The top of ``versions/``: every layer's top directory, newest first (positions from 1)."""
+    """The top of ``versions/``: every layer's top directory, newest first (positions from 1), restricted alike."""
     branches = tuple((pos, directory) for pos, directory in enumerate(layers, 1))
-    return VersionsEntry(os.lstat(layers[0]), branches, TREE)
+    return VersionsEntry(Restricted([(d, os.lstat(d)) for d in layers]), branches, TREE)

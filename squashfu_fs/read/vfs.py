@@ -206,7 +206,7 @@ class Vfs:
         self._next_view = 1
         # Numbers for entries the computed scheme cannot hold, per live view (dropped with the view);
         # handed out once each, never reused, so a number the kernel may still cache stays unique.
-        self._fallback: dict[int, dict[tuple[int, int, int], int]] = {}
+        self._fallback: dict[int, dict[tuple[object, ...], int]] = {}
         self._next_fallback = _FALLBACK_FIRST
         self._seed_refs: dict[str, int] = {}
         self._seed_dirs: dict[str, bytes] = {}  # mounted seeds, including idle ones not yet taken down
@@ -400,8 +400,8 @@ class Vfs:
     def _root_entry(self, view: View) -> Entry:
         """A view's directory attributes: its top layer's root, read without building."""
         if view.root_entry is None and view.versions:
-            view.root_entry = versions_tree.VersionsEntry(os.lstat(view.layers[0].directory()), (),
-                                                          versions_tree.TREE)
+            view.root_entry = versions_tree.root([layer.directory() for layer in view.layers])
+            view.root_entry.branches = ()  # filled in when the view is built
         if view.root_entry is None:
             top = view.layers[0].directory()
             try:
@@ -456,13 +456,14 @@ class Vfs:
         """The inode number of a resolved entry: computed from where the real object lives."""
         pos = entry.layer
         st_ino = entry.st.st_ino
+        key: tuple[object, ...]
         if getattr(entry, "synthetic", False):
-            # A file's directory of versions is not the file: number it from the top of the layer field down.
-            pos = _LAYER_LIMIT - pos if _LAYER_LIMIT - pos > len(view.layers) else -pos
-        if 0 < pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
+            key = (b"versions of", entry.branches[0][1])  # by path: hard links have a history each
+        elif pos < _LAYER_LIMIT and st_ino < _INO_LIMIT:
             return (view.id << VIEW_SHIFT) | (pos << LAYER_SHIFT) | st_ino
+        else:
+            key = (pos, entry.st.st_dev, st_ino)
         table = self._fallback.setdefault(view.id, {})
-        key = (pos, entry.st.st_dev, st_ino)
         ino = table.get(key)
         if ino is None:
             if self._next_fallback >= 1 << VIEW_SHIFT:
@@ -634,6 +635,9 @@ class Vfs:
             view = node.view
             if view is None or getattr(node.entry, "synthetic", False):
                 node.xattrs = {}
+            elif view.versions and getattr(node.entry.st, "root_only", False):
+                node.xattrs = {k: v for k, v in layerstack.read_xattrs(node.entry.path).items()
+                               if k not in versions_tree.ACL_XATTRS}
             elif node.ino == view.root_ino:
                 node.xattrs = layerstack.read_xattrs(view.layers[0].directory())
             else:

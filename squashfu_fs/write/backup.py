@@ -448,7 +448,10 @@ def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, n
         args = rsync.changed_args(Path(config.source), partial, config.excludes, listing, into_bin=True)
         result = rsync.run(args, log=log_file, progress=progress, label="backup")
         listing.unlink(missing_ok=True)
-        into_bin.escape_overlay_xattrs(source_fd, bin_fd, listed)
+        # rsync -R also makes every parent of a listed path, with its attributes but (filtered) without
+        # a source's own trusted.overlay.*: those parents are the bin's copies too.
+        into_bin.escape_overlay_xattrs(source_fd, bin_fd,
+                                       sorted(set(listed) | {p for rel in listed for p in into_bin.parents(rel)}))
         into_bin.mark_opaque(bin_fd, plan.replaced)
         result = _repair_acls(source_fd, bin_fd, result, verbose)
         fix_union(source_fd, bin_fd, os.fsencode(partial), verbose)
