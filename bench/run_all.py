@@ -17,6 +17,9 @@ BENCHMARKS = [
     ["bench_backup.py", "--full"],
     ["bench_fuse.py"],
     ["bench_verify.py"],
+    ["bench_entry.py"],
+    ["bench_queries.py"],
+    ["bench_mounts.py"],
 ]
 
 
