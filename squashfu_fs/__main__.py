@@ -1,5 +1,5 @@
 """``python -m squashfu_fs``: the same command line as ``squashfu``."""
 
-from squashfu_fs.cli import main
+from squashfu_fs.cli import run
 
-main()
+run()

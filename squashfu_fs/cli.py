@@ -347,9 +347,34 @@ def verify(root: Path, data: bool, as_json: bool, progress: bool | None) -> None
         raise DamagedRootError(report.failure())
 
 
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (e.g. eval "$(squashfu completion bash)" in ~/.bashrc)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "squashfu", "_SQUASHFU_COMPLETE").source())
+
+
+@main.command("man")
+def man_page() -> None:
+    """Print the man page, generated from these commands (squashfu man > /usr/local/share/man/man1/squashfu.1)."""
+    from squashfu_fs import __version__
+    from squashfu_fs.util.manpage import render
+
+    click.echo(render(main, "squashfu", __version__), nl=False)
+
+
 def _want_progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
+def run() -> None:
+    """The command line, named ``squashfu`` however it was started (``python -m`` included), for completion too."""
+    main(prog_name="squashfu", complete_var="_SQUASHFU_COMPLETE")
+
+
 if __name__ == "__main__":
-    main()
+    run()
