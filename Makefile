@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config patch gcc python3-dev squashfuse attr acl e2fsprogs libcap2-bin python3-venv
+APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config patch gcc python3-dev squashfuse attr acl e2fsprogs libcap2-bin groff-base python3-venv
 
 .PHONY: install system-packages demo test lint bench clean
 
