@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config patch gcc python3-dev squashfuse attr acl e2fsprogs libcap2-bin groff-base python3-venv
+APT_PACKAGES := squashfs-tools rsync fuse3 libfuse3-dev pkg-config patch gcc python3-dev squashfuse attr acl e2fsprogs libcap2-bin groff-base python3-venv openssh-server rclone
 
 .PHONY: install system-packages demo test lint bench clean
 
@@ -15,6 +15,10 @@ system-packages:
 	  echo "installing Debian packages:" $$missing; \
 	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  case " $$missing " in *" openssh-server "*) \
+	    echo "openssh-server is for the tests, which start their own sshd on 127.0.0.1: its system service is left stopped"; \
+	    ($$SUDO systemctl disable --now ssh.service || $$SUDO service ssh stop) >/dev/null 2>&1 || true;; \
+	  esac; \
 	fi
 
 $(VENV)/.installed: pyproject.toml contrib/pyfuse3/build.sh contrib/pyfuse3/cache-symlinks.patch

@@ -12,6 +12,7 @@ import pytest
 from squashfu_fs.engines import mounts
 
 from .harness import force_unmount, squashfu
+from .sshd import sshd  # noqa: F401  (a fixture: a throw-away sshd on 127.0.0.1)
 
 REQUIRED_TOOLS = ("mksquashfs", "unsquashfs", "rsync", "fusermount3", "mount", "umount")
 
