@@ -37,6 +37,9 @@ from squashfu_fs.store import config
     ('excludes = ["a\\u0000b"]\n', "NUL"),
     ('seal = "yes"\n', r"seal must be a boolean \(true or false\), not 'yes'"),
     ('seal = 1\n', "seal must be a boolean"),
+    ('rsh = ""\n', "rsh is empty"),
+    ('rsh = "ssh -o \'unclosed"\n', "rsh .* cannot be split into words"),
+    ('rsh = 22\n', "rsh must be a string"),
 ])
 def test_every_value_is_checked_when_the_file_is_read(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "squashfu.toml").write_text('source = "/srv/data"\n' + text)
@@ -91,3 +94,10 @@ def test_level_ranges_agree_with_the_real_mksquashfs(tmp_path: Path, compressor:
         if accepted != works:
             disagree.append((level, accepted, works))
     assert not disagree, f"{compressor}: (level, config accepts, mksquashfs accepts): {disagree}"
+
+
+def test_rsh_is_written_only_when_it_is_not_ssh(tmp_path: Path) -> None:
+    plain = config.Config(source="/src")
+    assert "rsh" not in plain.to_toml()
+    (tmp_path / config.CONFIG_NAME).write_text(config.Config(source="/src", rsh="ssh -p 2222").to_toml())
+    assert config.load(tmp_path).rsh == "ssh -p 2222"

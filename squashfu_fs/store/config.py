@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ MAX_BINS_LIMIT = 300
 HOOKS = ("before_backup", "after_backup", "on_error")
 DEFAULT_HOOK_TIMEOUT = 600  # seconds: room for a database dump, not for a hook that hangs all night
 MAX_HOOK_TIMEOUT = 86400
+DEFAULT_RSH = "ssh"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Config:
     on_error: str | None = None
     hook_timeout: int = DEFAULT_HOOK_TIMEOUT
     metrics_file: str | None = None  # a Prometheus textfile-collector file, rewritten after backup and verify
+    rsh: str = DEFAULT_RSH  # how rsync reaches another host: a remote source, a sync over ssh (docs/operations.md)
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
@@ -98,6 +101,7 @@ class Config:
                               f"not {self.hook_timeout}")
         if self.metrics_file is not None:
             _check_metrics_file(self.metrics_file)
+        _check_rsh(self.rsh)
         if self.min_bins < 0:
             raise ConfigError(f"min_bins must be at least 0, not {self.min_bins}")
         if self.min_bins >= self.max_bins:
@@ -130,12 +134,28 @@ class Config:
             lines.append(f"hook_timeout = {self.hook_timeout}")
         if self.metrics_file is not None:
             lines.append(f"metrics_file = {json.dumps(self.metrics_file)}")
+        if self.rsh != DEFAULT_RSH:
+            lines.append(f"rsh = {json.dumps(self.rsh)}")
         lines.append("")
         return "\n".join(lines)
 
 
 _KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins", "seal", *HOOKS,
-          "hook_timeout", "metrics_file"}
+          "hook_timeout", "metrics_file", "rsh"}
+
+
+def _check_rsh(value: object) -> None:
+    """A command line rsync's ``-e`` takes: words split as a shell would, and a program to run first."""
+    if not isinstance(value, str):
+        raise ConfigError(f"rsh must be a string (a command line such as \"ssh -p 2222\"), not {value!r}")
+    if "\0" in value:
+        raise ConfigError("rsh must not contain a NUL character")
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ConfigError(f"rsh {value!r} cannot be split into words: {exc}") from None
+    if not words:
+        raise ConfigError("rsh is empty; remove the setting to use ssh")
 
 
 def _check_metrics_file(value: object) -> None:
@@ -176,6 +196,7 @@ def load(root: Path) -> Config:
             on_error=_typed(data, "on_error", str, path, None),
             hook_timeout=_typed(data, "hook_timeout", int, path, DEFAULT_HOOK_TIMEOUT),
             metrics_file=_typed(data, "metrics_file", str, path, None),
+            rsh=_typed(data, "rsh", str, path, DEFAULT_RSH),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
