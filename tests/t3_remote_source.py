@@ -74,7 +74,8 @@ def test_a_remote_sources_days_restore_exactly(scratch: Path, sshd: Sshd) -> Non
         assert not differences(taken, got), f"night {night} ({done}): {differences(taken, got)}"
         if night:
             assert history(root)["bins"][-1]["compare"] == "full"
-    assert history(root)["bins"][-1]["source_entries"] == len(snapshot(os.fsencode(src))[0])  # below the top, as a local walk counts
+    # entries below the top, as a local walk counts them
+    assert history(root)["bins"][-1]["source_entries"] == len(snapshot(os.fsencode(src))[0])
     assert not (root / ".manifest").exists(), "a remote source cannot be walked: no manifest may be trusted"
     for day in (_when(0)[:10], _when(5)[:10]):  # days served from the seed and from sealed bins
         got = rollback_snapshot(root, day, mp)

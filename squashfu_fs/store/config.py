@@ -32,7 +32,8 @@ DEFAULT_RSH = "ssh"
 # rsync's single-colon remote syntax, [USER@]HOST:PATH; HOST is a name, an IPv4 address or [IPv6].
 # Neither part may start with "-": ssh would read it as an option.
 _REMOTE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
-                     r"(?P<host>[A-Za-z0-9_.][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.%]+\]):(?P<path>.*)", re.DOTALL)
+                     r"(?P<host>[A-Za-z0-9_.][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])"
+                     r":(?P<path>.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,12 @@ class Source:
 
     @staticmethod
     def absolute(text: str) -> str:
-        """A command line's ``--source`` made absolute if it is local; rsync's rule: a colon before any slash is remote."""
+        """A command line's ``--source`` made absolute if it is local.
+
+        rsync's rule: a colon before any slash makes it remote.
+        """
         head = text.split(":", 1)[0]
-        if ":" in text and "/" not in head or text.startswith("rsync://"):
+        if (":" in text and "/" not in head) or text.startswith("rsync://"):
             return text  # remote (or refused by parse), never taken as a file name here
         return os.path.abspath(text)
 
