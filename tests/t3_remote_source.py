@@ -241,3 +241,23 @@ def test_json_summary_of_a_remote_night(scratch: Path, sshd: Sshd) -> None:  # n
     (src / "g").write_text("g\n")
     summary = json.loads(squashfu("-r", root, "backup", "--json", now=_when(1)).stdout)
     assert summary["status"] == "ok" and summary["layer"] == "1" and summary["files_changed"] == 1
+
+
+def test_a_key_restricted_with_rrsync_is_enough(scratch: Path, sshd: Sshd) -> None:  # noqa: F811
+    """docs/operations.md's forced command: read-only rrsync below one directory; a path outside it is refused."""
+    if shutil.which("rrsync") is None:
+        pytest.skip("rrsync is not installed (Debian rsync >= 3.2.4)")
+    allowed, src, root = scratch / "srv", scratch / "srv" / "www", scratch / "root"
+    src.mkdir(parents=True)
+    (src / "index.html").write_text("hello\n")
+    keys = scratch / "sshd" / "authorized_keys"
+    keys.write_text(f'command="{shutil.which("rrsync")} -ro -absolute {allowed}",restrict ' + keys.read_text())
+    proc = squashfu("init", scratch / "elsewhere", "--source", sshd.remote(scratch), "--rsh", sshd.rsh, expect=1)
+    assert "rrsync" in one_line(proc) and not (scratch / "elsewhere").exists()
+    _init(root, src, sshd)
+    squashfu("-r", root, "backup", now=_when(0))
+    (src / "index.html").write_text("changed\n")
+    squashfu("-r", root, "backup", now=_when(1))
+    target = scratch / "restored"
+    squashfu("-r", root, "restore", "latest", "--to", target)
+    assert (target / "index.html").read_text() == "changed\n"

@@ -511,7 +511,7 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
         if source_fd is None or walked is None:
             # ACLs overlayfs would not set on a lower layer's file: copy those files up, the second pass sets them
             unionfix.copy_up(union_fd, unionfix.acl_failures(result.errors))
-            return second_pass(args, result, log=log_file), None, deleted
+            return second_pass(args, result, log=log_file, verbose=verbose), None, deleted
         result = _repair_acls(source_fd, union_fd, result, verbose)
         fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
         copied = _copied_entries(source_fd, layout.rw, walked, plan, Excludes(config.excludes), result,

@@ -20,6 +20,7 @@ from squashfu_fs.store import layers, recovery
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import beneath
+from squashfu_fs.util.say import say
 from squashfu_fs.write import unionfix
 
 
@@ -84,7 +85,8 @@ def stage_tree(layout: RootLayout, source: Path | str, excludes: tuple[str, ...]
         return result
 
 
-def second_pass(args: list[str], first: rsync.RsyncResult, *, log: Path | None) -> rsync.RsyncResult:
+def second_pass(args: list[str], first: rsync.RsyncResult, *, log: Path | None,
+                verbose: bool = False) -> rsync.RsyncResult:
     """rsync a remote source into the same union again: what the local repairs do by reading the source.
 
     A full compare through the union can split a hard-link group whose
@@ -95,6 +97,7 @@ def second_pass(args: list[str], first: rsync.RsyncResult, *, log: Path | None) 
     not (docs/benchmarks.md, "Remote sources"). What it could not read is
     what the layer misses, so its status and complaints are the night's.
     """
+    say(verbose, "second rsync pass over the union: hard links, directory times and ACLs as the source has them")
     again = rsync.run(args, log=log, label="backup")
     return dataclasses.replace(first, status=again.status, errors=again.errors,
                                deleted=first.deleted + again.deleted,
