@@ -116,7 +116,7 @@ def main(root: Path | None, debug: bool) -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--source", required=True, metavar="PATH|[USER@]HOST:PATH",
+@click.option("--source", required=True, type=click.Path(), metavar="PATH|[USER@]HOST:PATH",
               help="The directory to back up: a local path, or a remote one pulled with rsync over ssh.")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
               help="An rsync exclude pattern; may be repeated.")
