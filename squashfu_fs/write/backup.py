@@ -628,6 +628,7 @@ def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
 
 def _rsync_source(config: Config) -> tuple[Path | str, str | None]:
     """What rsync copies from, and the ``-e`` command line that reaches it (None for a local source)."""
-    if config.origin.remote:
-        return config.source, config.rsh
+    origin = config.origin
+    if origin.remote:
+        return origin.rsync_arg, config.rsh
     return Path(config.source), None
