@@ -239,7 +239,7 @@ def test_a_dry_run_of_a_remote_source_lists_changes_and_commits_nothing(scratch:
     assert (root / "history.json").read_bytes() == before
 
 
-def test_json_summary_of_a_remote_night(scratch: Path, sshd: Sshd) -> None:  # noqa: F811
+def test_json_summary_and_history_queries_of_a_remote_source(scratch: Path, sshd: Sshd) -> None:  # noqa: F811
     src, root = scratch / "src", scratch / "root"
     src.mkdir()
     (src / "f").write_text("f\n")
@@ -248,6 +248,11 @@ def test_json_summary_of_a_remote_night(scratch: Path, sshd: Sshd) -> None:  # n
     (src / "g").write_text("g\n")
     summary = json.loads(squashfu("-r", root, "backup", "--json", now=_when(1)).stdout)
     assert summary["status"] == "ok" and summary["layer"] == "1" and summary["files_changed"] == 1
+    # the remote path names files in the history queries, as a local source's path does
+    versions = json.loads(squashfu("-r", root, "versions", str(src / "g"), "--json").stdout)
+    assert len(versions) == 1
+    proc = squashfu("-r", root, "versions", "/elsewhere/g", expect=2)
+    assert "outside the source" in one_line(proc)
 
 
 def test_a_key_restricted_with_rrsync_is_enough(scratch: Path, sshd: Sshd) -> None:  # noqa: F811
