@@ -277,3 +277,28 @@ def test_a_key_restricted_with_rrsync_is_enough(scratch: Path, sshd: Sshd) -> No
     target = scratch / "restored"
     squashfu("-r", root, "restore", "latest", "--to", target)
     assert (target / "index.html").read_text() == "changed\n"
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_a_connection_lost_during_the_copy_commits_nothing(scratch: Path, sshd: Sshd, fails_at: int) -> None:  # noqa: F811
+    """The listing works, then ssh fails in the first (1) or the second (2) rsync pass: ssh's line, exit 1, no bin."""
+    src, root = scratch / "src", scratch / "root"
+    src.mkdir()
+    (src / "f").write_text("f\n")
+    _init(root, src, sshd)
+    squashfu("-r", root, "backup", now=_when(0))
+    before = (root / "history.json").read_bytes()
+    (src / "g").write_text("g\n")
+    count, flaky = scratch / "count", scratch / "flaky-ssh"
+    flaky.write_text(f"""#!/bin/sh
+n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}
+if [ "$n" -gt {fails_at - 1} ]; then echo "ssh: connect to host 127.0.0.1: Connection timed out" >&2; exit 255; fi
+exec {sshd.rsh} "$@"
+""")
+    flaky.chmod(0o700)
+    config = root / "squashfu.toml"
+    config.write_text(config.read_text().replace(f"rsh = {json.dumps(sshd.rsh)}", f"rsh = {json.dumps(str(flaky))}"))
+    proc = squashfu("-r", root, "backup", now=_when(1), expect=1)
+    assert "Connection timed out" in one_line(proc)
+    assert count.read_text().strip() == str(fails_at + 1), "the copy did not get as far as it should"
+    assert (root / "history.json").read_bytes() == before and not _debris(root)

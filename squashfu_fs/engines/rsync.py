@@ -35,6 +35,7 @@ OK = 0
 PARTIAL = 23  # some files could not be read or written: commit, exit 3
 VANISHED = 24  # source files vanished while being copied: a warning only
 ACCEPTABLE = (OK, PARTIAL, VANISHED)
+SSH_FAILED = 255  # the remote shell could not connect, or the connection broke
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,8 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
     errors = tuple(ln for ln in complaints.splitlines() if ln.startswith("rsync"))
     if status not in ACCEPTABLE:
         detail = errors[-1] if errors else f"see {log}" if log else "no message"
+        if status == SSH_FAILED:  # ssh (or the -e command) failed: its own line says why, rsync's does not
+            detail = _reason(complaints.encode())
         raise ExternalCommandError(f"rsync failed (exit {status}): {detail}", status)
     return RsyncResult(
         status=status,
