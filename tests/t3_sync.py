@@ -202,6 +202,13 @@ def test_sync_refuses_what_is_no_copy(nights: tuple[Path, Path], scratch: Path) 
         proc = squashfu("-r", root, "sync", dest, expect=2)
         assert words in one_line(proc)
         assert (sorted(os.listdir(dest)) if dest.exists() else None) == before
+    squashfu("-r", other, "backup", now=NIGHTS[0])
+    for n in (1, 2, 3):
+        squashfu("-r", other, "backup", now=NIGHTS[n])  # bins 1..3 of another history
+    squashfu("-r", other, "sync", scratch / "theirs")
+    before = (scratch / "theirs" / "history.json").read_bytes()
+    assert "copy of another history" in one_line(squashfu("-r", root, "sync", scratch / "theirs", expect=2))
+    assert (scratch / "theirs" / "history.json").read_bytes() == before
     proc = squashfu("-r", root, "sync", scratch / "c", "--writable", expect=None)
     assert proc.returncode == 0  # a local --writable copy is a root of its own...
     squashfu("-r", scratch / "c", "backup", now=NIGHTS[3])  # ...that backups continue

@@ -277,8 +277,7 @@ class _RsyncDest(_Dest):
                 fsync_dir(parent)
 
     def _put_from_rclone(self, source: _RcloneSource, rels: list[str]) -> None:
-        if not self.local:
-            raise UsageError(f"a copy at {source.text} syncs only to a local path or another rclone: copy")
+        assert self.local, "sync() refuses an rclone source for an ssh copy"
         for rel in rels:
             final = Path(self.base, rel)
             temp = Path(self.base, ".work", final.name)
@@ -373,6 +372,9 @@ def sync(root: str, dest_text: str, *, writable: bool = False, verbose: bool = F
         work = Path(tempfile.mkdtemp(prefix="squashfu-sync-"))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         if copies.is_rclone(root):
+            if where.kind == "ssh":
+                raise UsageError(f"a copy at {root} syncs only to a local path or to rclone:REMOTE:PATH "
+                                 f"(rsync cannot read from rclone); not to {where.text}")
             source: _Source = _RcloneSource(copies.parse(root))
             rsh = None
         else:
@@ -456,6 +458,30 @@ def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> History | Non
     return None
 
 
+def _refuse_foreign(old: History | None, new: History, text: str) -> None:
+    """A copy of another history (another root synced to the same place by mistake) is not overwritten.
+
+    The copy's history must be an earlier state of this one: no bin number
+    this root has not reached yet, and every layer both name has the same
+    digest.
+    """
+    if old is None:
+        return
+    why = None
+    if old.next_bin > new.next_bin:
+        why = f"it holds bins up to {old.next_bin - 1}, this root only up to {new.next_bin - 1}"
+    mine = {b.number: b.digest for b in new.bins}
+    for b in old.bins:
+        if why is None and b.digest is not None and mine.get(b.number) not in (None, b.digest):
+            why = f"its bin {b.number} differs from this root's"
+    if why is None and old.seed is not None and new.seed is not None and old.seed.file == new.seed.file \
+            and None not in (old.seed.digest, new.seed.digest) and old.seed.digest != new.seed.digest:
+        why = f"its {old.seed.file} differs from this root's"
+    if why is not None:
+        raise UsageError(f"{text} is a copy of another history ({why}); refusing to overwrite it: "
+                         "give each root a DEST of its own")
+
+
 def _fresh(info: FileInfo | None, want: FileInfo) -> bool:
     """A file at the copy that needs no copy: same size and mtime (to the second), as rsync's quick check."""
     if info is None or info.is_dir or info.size != want.size or info.mtime is None or want.mtime is None:
@@ -467,11 +493,13 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
     history = source.history
     state = dest.scan()
     old = _check_dest(dest, state)
+    _refuse_foreign(old, history, dest.where.text)
     dest.prepare()
     if dest.local:  # one sync (or writer) at a time in a local copy
         stack.enter_context(writer_lock(Path(dest.where.path, ".lock"), "sync"))
         state = dest.scan()
         old = _check_dest(dest, state)
+        _refuse_foreign(old, history, dest.where.text)
     dest.clear_scratch()
     state = state or {}
     old_dirs = {b.number for b in old.bins if not layers.sealed(b)} if old is not None else set()
