@@ -6,8 +6,10 @@ local backend with a config file written here, kernel and FUSE mounts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -317,7 +319,8 @@ def test_rclone_sync_killed_mid_upload_then_repeated(nights: tuple[Path, Path], 
             assert proc.poll() is None, "the sync ended before it was caught mid-upload"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (bucket / "bins" / "3.sfs").exists()
     assert _layers_env(remote, env) == old_layers
@@ -348,7 +351,30 @@ def test_resquash_beside_a_sync_keeps_what_the_sync_copies(nights: tuple[Path, P
         assert [b["number"] for b in history(root)["bins"]] == [2]
         assert (root / "bins" / "1.sfs").is_file() and (root / "seed.sfs").is_file()  # the sync still copies them
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     squashfu("-r", root, "resquash")  # the claim died with the sync: the next writer's recovery deletes them
     assert not (root / "bins" / "1.sfs").exists() and not (root / "seed.sfs").exists()
+
+
+def test_sync_failures_are_one_line_and_leave_the_copy_as_it_was(nights: tuple[Path, Path], scratch: Path) -> None:
+    _, root = nights
+    copy = scratch / "copy"
+    squashfu("-r", root, "sync", copy)
+    before = history(copy)
+    with open(root / "squashfu.toml", "a") as f:  # an ssh that reaches nothing
+        f.write('rsh = "ssh -p 1 -o BatchMode=yes -o ConnectTimeout=5"\n')
+    proc = squashfu("-r", root, "sync", "root@127.0.0.1:/srv/none", expect=1)
+    assert "Connection refused" in one_line(proc)
+    env = _rclone_env(scratch)
+    proc = squashfu("-r", root, "sync", "rclone:nosuchremote:x", env=env, expect=1)
+    assert "nosuchremote" in one_line(proc) and not re.search(r"\d{4}/\d\d/\d\d \d\d:", one_line(proc))
+    for bad, words in (("rclone:", "rclone:REMOTE:PATH"), (":x", "[USER@]HOST:PATH")):
+        assert words in one_line(squashfu("-r", root, "sync", bad, expect=2))
+    proc = squashfu("-r", root, "sync", "rclone:offsite:" + str(scratch / "b"), "--writable", env=env, expect=2)
+    assert "--writable" in one_line(proc)
+    for command in (("backup",), ("mount", scratch / "m"), ("resquash",)):
+        proc = squashfu("-r", "rclone:offsite:" + str(scratch / "b"), *command, env=env, expect=2)
+        assert "rclone copy" in one_line(proc)
+    assert history(copy) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,22 @@ def _base() -> list[str]:
     return [require("rclone"), "--quiet"]
 
 
+_STAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+ +: +)?")
+
+
+def complaint(stderr: bytes) -> str:
+    """rclone's last complaint as one line, without its time stamp and level."""
+    return _STAMP.sub("", last_line(stderr))
+
+
+def _run(argv: list[str], what: str) -> bytes:
+    proc = run(argv, what=what, check=False)
+    if proc.returncode != 0:
+        raise ExternalCommandError(f"{what} failed (exit {proc.returncode}): {complaint(proc.stderr)}",
+                                   proc.returncode)
+    return proc.stdout
+
+
 def listing(target: str) -> dict[str, Entry] | None:
     """The entries directly below ``target`` by name; None when it does not exist."""
     proc = run([*_base(), "lsjson", "--max-depth", "1", target], what="rclone lsjson", check=False)
@@ -47,7 +64,7 @@ def listing(target: str) -> dict[str, Entry] | None:
         return None
     if proc.returncode != 0:
         raise ExternalCommandError(f"rclone lsjson {target} failed (exit {proc.returncode}): "
-                                   f"{last_line(proc.stderr)}", proc.returncode)
+                                   f"{complaint(proc.stderr)}", proc.returncode)
     try:
         rows = json.loads(proc.stdout)
         return {row["Name"]: Entry(row["Name"], int(row.get("Size", 0)), str(row.get("ModTime", "")),
@@ -58,7 +75,7 @@ def listing(target: str) -> dict[str, Entry] | None:
 
 def read(target: str, name: str) -> bytes:
     """The contents of the small file ``name`` (history, config), which a listing showed."""
-    return run([*_base(), "cat", join(target, name)], what=f"rclone cat {join(target, name)}").stdout
+    return _run([*_base(), "cat", join(target, name)], f"rclone cat {join(target, name)}")
 
 
 def copy_to(source: str | Path, destination: str) -> None:
@@ -66,23 +83,22 @@ def copy_to(source: str | Path, destination: str) -> None:
 
     ``--ignore-times``: the caller decided that this file must be copied.
     """
-    run([*_base(), "copyto", "--ignore-times", os.fspath(source), destination],
-        what=f"rclone copyto {destination}")
+    _run([*_base(), "copyto", "--ignore-times", os.fspath(source), destination], f"rclone copyto {destination}")
 
 
 def move_to(source: str, destination: str) -> None:
     """Rename ``source`` to ``destination`` at the same remote (a server-side copy where rename is missing)."""
-    run([*_base(), "moveto", source, destination], what=f"rclone moveto {destination}")
+    _run([*_base(), "moveto", source, destination], f"rclone moveto {destination}")
 
 
 def delete_file(path: str) -> None:
     """Delete one file that a listing showed."""
-    run([*_base(), "deletefile", path], what=f"rclone deletefile {path}")
+    _run([*_base(), "deletefile", path], f"rclone deletefile {path}")
 
 
 def purge(path: str) -> None:
     """Delete a directory that a listing showed, and everything in it."""
-    run([*_base(), "purge", path], what=f"rclone purge {path}")
+    _run([*_base(), "purge", path], f"rclone purge {path}")
 
 
 def sha256(target: str, name: str) -> str:
@@ -99,4 +115,4 @@ def sha256(target: str, name: str) -> str:
         if proc.returncode == 0 and line and len(line[0]) == 64:
             return line[0].decode()
     raise ExternalCommandError(f"rclone hashsum sha256 {path} failed (exit {proc.returncode}): "
-                               f"{last_line(proc.stderr)}", proc.returncode)
+                               f"{complaint(proc.stderr)}", proc.returncode)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from squashfu_fs.engines import rclone
 from squashfu_fs.engines import rsync as rsync_engine
-from squashfu_fs.engines.run import last_line, run
+from squashfu_fs.engines.run import run
 from squashfu_fs.errors import CorruptRootError, ExternalCommandError, UsageError
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import copies, layers
@@ -214,7 +214,10 @@ class _RsyncDest(_Dest):
         return self.base.rstrip("/") + "/" + rel if rel else self.base
 
     def _run(self, args: list[str], what: str) -> None:
-        run(args, what=f"rsync ({what} {self.where.text})")
+        proc = run(args, check=False)
+        if proc.returncode != 0:
+            raise ExternalCommandError(f"rsync ({what} {self.where.text}) failed (exit {proc.returncode}): "
+                                       f"{_rsync_complaint(proc.stderr)}", proc.returncode)
 
     def _list(self, rel: str) -> dict[str, FileInfo] | None:
         proc = run(rsync_engine.list_args(self._at(rel), rsh=self.rsh), what="rsync --list-only", check=False)
@@ -222,7 +225,7 @@ class _RsyncDest(_Dest):
             if b"No such file or directory" in proc.stderr:
                 return None
             raise ExternalCommandError(f"rsync cannot list {self.where.text}/{rel} (exit {proc.returncode}): "
-                                       f"{last_line(proc.stderr)}", proc.returncode)
+                                       f"{_rsync_complaint(proc.stderr)}", proc.returncode)
         out = {}
         for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
             fields = line.split(None, 4)
@@ -310,6 +313,13 @@ class _RsyncDest(_Dest):
             self._run(rsync_engine.delete_args(self._empty(), self._at(parent), names, rsh=self.rsh), "deleting at")
             if self.local:
                 fsync_dir(Path(self._at(parent)))
+
+
+def _rsync_complaint(stderr: bytes) -> str:
+    """The line that says why rsync failed: ssh's or the far side's, not rsync's closing summary."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("rsync error:", "rsync: connection unexpectedly closed"))]
+    return (useful or lines or ["no message"])[-1]
 
 
 class _RcloneDest(_Dest):
