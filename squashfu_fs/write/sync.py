@@ -504,10 +504,17 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
     state = dest.scan()
     old = _check_dest(dest, state)
     _refuse_foreign(old, history, dest.where.text)
-    dest.prepare()
-    if dest.local:  # one sync (or writer) at a time in a local copy
+    locked = False
+    if dest.local and state is not None:
+        # One sync (or writer) at a time in a local copy; the lock also refuses a copy another
+        # user owns (store/privacy.py) before anything there is touched.
         stack.enter_context(writer_lock(Path(dest.where.path, ".lock"), "sync"))
-        state = dest.scan()
+        locked = True
+    dest.prepare()
+    if dest.local:
+        if not locked:
+            stack.enter_context(writer_lock(Path(dest.where.path, ".lock"), "sync"))
+        state = dest.scan()  # as it is now that nobody else writes it
         old = _check_dest(dest, state)
         _refuse_foreign(old, history, dest.where.text)
     dest.clear_scratch()
