@@ -378,3 +378,35 @@ def test_sync_failures_are_one_line_and_leave_the_copy_as_it_was(nights: tuple[P
         proc = squashfu("-r", "rclone:offsite:" + str(scratch / "b"), *command, env=env, expect=2)
         assert "rclone copy" in one_line(proc)
     assert history(copy) == before
+
+
+def test_a_mount_of_a_local_copy_keeps_the_directory_bin_its_view_reads(scratch: Path) -> None:
+    src, root = scratch / "src", scratch / "root"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha\n")
+    squashfu("init", root, "--source", src, "--no-seal", "--min-bins", "1")
+    squashfu("-r", root, "backup", now=NIGHTS[0])
+    for n in (1, 2):
+        (src / "docs" / "a.txt").write_text(f"alpha {n}\n")
+        squashfu("-r", root, "backup", now=NIGHTS[n])
+    copy = scratch / "copy"
+    squashfu("-r", root, "sync", copy)
+    with fuse_mounted(copy, scratch / "m") as mp:
+        held = os.open(mp / "2026-11-03" / "docs", os.O_PATH | os.O_DIRECTORY)  # a shell's cwd in bin 1's day
+        try:
+            squashfu("-r", root, "resquash")  # bin 1 goes into the seed at the original
+            out = squashfu("-r", root, "sync", copy).stdout
+            assert "left 4 a mount of the copy still reads" in out, out  # bins/1, its records, seed.sfs
+            assert (copy / "bins" / "1").is_dir() and (copy / "seed.sfs").is_file()
+            fd = os.open("a.txt", os.O_RDONLY, dir_fd=held)
+            with os.fdopen(fd) as f:
+                assert f.read() == "alpha 1\n"
+        finally:
+            os.close(held)
+        for _ in range(200):  # the kernel forgets the view in its own time; then the next sync deletes the bin
+            if "removed 4" in squashfu("-r", root, "sync", copy).stdout:
+                break
+            time.sleep(0.05)
+        assert not (copy / "bins" / "1").exists() and not (copy / "seed.sfs").exists()
+        assert (mp / "latest" / "docs" / "a.txt").read_text() == "alpha 2\n"
+    assert _verify(copy)["status"] == "ok"
