@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -116,6 +117,8 @@ class _Source:
 
 
 class _LocalSource(_Source):
+    """A local root, read as a reader (its layers claimed, see :func:`_claimed_source`)."""
+
     def __init__(self, layout: RootLayout, history: History) -> None:
         self.layout = layout
         self.text = str(layout.root)
@@ -127,14 +130,15 @@ class _LocalSource(_Source):
             st = os.lstat(self.layout.root / rel)
         except FileNotFoundError:
             return None
-        return FileInfo(st.st_size, st.st_mtime, os.path.isdir(self.layout.root / rel)
-                        and not os.path.islink(self.layout.root / rel))
+        return FileInfo(st.st_size, st.st_mtime, stat.S_ISDIR(st.st_mode))
 
     def ref(self, rel: str) -> Path:
         return self.layout.root / rel
 
 
 class _RcloneSource(_Source):
+    """A copy at ``rclone:REMOTE:PATH``, brought back (``squashfu -r rclone:… sync NEWROOT``)."""
+
     def __init__(self, where: Location) -> None:
         self.text = where.text
         self.target = where.path
@@ -144,7 +148,7 @@ class _RcloneSource(_Source):
         bins = rclone.listing(rclone.join(self.target, "bins")) if "bins" in top else {}
         self.entries = {**{n: _from_rclone(e) for n, e in top.items()},
                         **{f"bins/{n}": _from_rclone(e) for n, e in (bins or {}).items()}}
-        self.history = History.from_json(rclone.read(self.target, HISTORY_NAME).decode(),
+        self.history = History.from_json(rclone.read(self.target, HISTORY_NAME).decode("utf-8", "replace"),
                                          where=f"{where.text}/{HISTORY_NAME}")
         self.config = rclone.read(self.target, CONFIG_NAME) if CONFIG_NAME in top else b""
 
