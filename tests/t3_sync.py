@@ -410,3 +410,18 @@ def test_a_mount_of_a_local_copy_keeps_the_directory_bin_its_view_reads(scratch:
         assert not (copy / "bins" / "1").exists() and not (copy / "seed.sfs").exists()
         assert (mp / "latest" / "docs" / "a.txt").read_text() == "alpha 2\n"
     assert _verify(copy)["status"] == "ok"
+
+
+def test_verify_of_a_copy_leaves_the_originals_metrics_file_alone(nights: tuple[Path, Path], scratch: Path) -> None:
+    src, root = nights
+    prom = scratch / "metrics" / "squashfu.prom"
+    prom.parent.mkdir()
+    with open(root / "squashfu.toml", "a") as f:
+        f.write(f"metrics_file = {json.dumps(str(prom))}\n")
+    _night(src, root, 3)
+    before = prom.read_bytes()
+    assert b"squashfu_backup_last_success_timestamp_seconds" in before
+    copy = scratch / "copy"
+    squashfu("-r", root, "sync", copy)
+    assert _verify(copy)["status"] == "ok"
+    assert prom.read_bytes() == before
