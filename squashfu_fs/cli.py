@@ -52,7 +52,7 @@ def needs_root(func: F) -> F:
             raise click.UsageError("no backup root: give -r/--root ROOT or set SQUASHFU_ROOT")
         if str(root).startswith(RCLONE_PREFIX) and ctx.info_name not in RCLONE_COMMANDS:
             raise UsageError(f"{root} is an rclone copy: only {', '.join(RCLONE_COMMANDS)} read one; "
-                                   "bring it back with `squashfu -r REMOTE sync NEWROOT` first")
+                             "bring it back with `squashfu -r REMOTE sync NEWROOT` first")
         return ctx.invoke(func, root, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -374,6 +374,8 @@ def test_sync_failures_are_one_line_and_leave_the_copy_as_it_was(nights: tuple[P
         assert words in one_line(squashfu("-r", root, "sync", bad, expect=2))
     proc = squashfu("-r", root, "sync", "rclone:offsite:" + str(scratch / "b"), "--writable", env=env, expect=2)
     assert "--writable" in one_line(proc)
+    same = "rclone:offsite:" + str(scratch / "b")
+    assert "the root itself" in one_line(squashfu("-r", same, "sync", same + "/", env=env, expect=2))
     for command in (("backup",), ("mount", scratch / "m"), ("resquash",)):
         proc = squashfu("-r", "rclone:offsite:" + str(scratch / "b"), *command, env=env, expect=2)
         assert "rclone copy" in one_line(proc)

@@ -389,6 +389,8 @@ def sync(root: str, dest_text: str, *, writable: bool = False, verbose: bool = F
             if where.kind == "ssh":
                 raise UsageError(f"a copy at {root} syncs only to a local path or to rclone:REMOTE:PATH "
                                  f"(rsync cannot read from rclone); not to {where.text}")
+            if where.kind == "rclone" and where.path.rstrip("/") == root.removeprefix(copies.RCLONE_PREFIX).rstrip("/"):
+                raise UsageError(f"{where.text} is the root itself; a copy belongs elsewhere")
             source: _Source = _RcloneSource(copies.parse(root))
             rsh = None
         else:
