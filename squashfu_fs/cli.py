@@ -128,8 +128,8 @@ def main(root: Path | None, debug: bool) -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--source", required=True, type=click.Path(path_type=Path),
-              help="The directory to back up.")
+@click.option("--source", required=True, type=click.Path(), metavar="PATH|[USER@]HOST:PATH",
+              help="The directory to back up: a local path, or a remote one pulled with rsync over ssh.")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
               help="An rsync exclude pattern; may be repeated.")
 @click.option("--compression", type=click.Choice(["zstd", "xz", "gzip", "lz4", "lzo"]),
@@ -140,16 +140,18 @@ def main(root: Path | None, debug: bool) -> None:
               help="Bins left after a resquash.")
 @click.option("--seal/--no-seal", default=True, show_default=True,
               help="Compress each night's bin into an image with a digest (docs/layout.md).")
-def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
-         max_bins: int, min_bins: int, seal: bool) -> None:
+@click.option("--rsh", metavar="COMMAND", default="ssh", show_default=True,
+              help="How rsync reaches a remote source (its -e), e.g. \"ssh -i /root/.ssh/backup_key\".")
+def init(root: Path, source: str, excludes: tuple[str, ...], compression: str,
+         max_bins: int, min_bins: int, seal: bool, rsh: str) -> None:
     """Create a backup root for SOURCE at ROOT."""
     from squashfu_fs.errors import ConfigError
-    from squashfu_fs.store.config import Config
+    from squashfu_fs.store.config import Config, Source
     from squashfu_fs.write.create import init_root
 
     try:
-        config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,
-                        max_bins=max_bins, min_bins=min_bins, seal=seal)
+        config = Config(source=Source.absolute(source), excludes=excludes, compression=compression,
+                        max_bins=max_bins, min_bins=min_bins, seal=seal, rsh=rsh)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     init_root(Path(os.path.abspath(root)), config)
