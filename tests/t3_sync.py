@@ -427,3 +427,44 @@ def test_verify_of_a_copy_leaves_the_originals_metrics_file_alone(nights: tuple[
     squashfu("-r", root, "sync", copy)
     assert _verify(copy)["status"] == "ok"
     assert prom.read_bytes() == before
+
+
+def _stopped_sync(root: Path | str, dest: str, checkpoint: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A sync that has stopped itself (SIGSTOP) at ``checkpoint``; the caller sends SIGCONT."""
+    full = {**os.environ, **env, "SQUASHFU_FAULT": checkpoint, "SQUASHFU_FAULT_ACTION": "stop"}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "sync", dest], env=full, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the sync ended before {checkpoint} (status {status})"
+    return proc
+
+
+def test_two_syncs_to_one_rclone_copy_never_commit_a_stale_history(nights: tuple[Path, Path],
+                                                                    scratch: Path) -> None:
+    src, root = nights
+    config = scratch / "rclone.conf"
+    config.write_text("[offsite]\ntype = local\n\n[again]\ntype = local\n")  # one bucket, two names
+    env = {"RCLONE_CONFIG": str(config)}
+    bucket = scratch / "bucket"
+    remote = f"rclone:offsite:{bucket}"
+    squashfu("-r", root, "sync", remote, env=env)
+    _night(src, root, 3)
+    first = _stopped_sync(root, remote, "sync-prepared", env)  # it has read the copy's history
+    try:
+        proc = squashfu("-r", root, "sync", remote, env=env, expect=1)
+        assert "busy" in one_line(proc)
+        squashfu("-r", root, "resquash")  # seed.sfs and bin 1 absorbed into a new seed
+        squashfu("-r", root, "sync", f"rclone:again:{bucket}", env=env)  # deletes them at the copy
+        committed = (bucket / "history.json").read_bytes()
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == 1, err
+    assert "changed while this sync ran" in err.decode() and len(err.decode().strip().splitlines()) == 1
+    assert (bucket / "history.json").read_bytes() == committed
+    assert _layers_env(remote, env) == _layers(root)
+    report = json.loads(squashfu("-r", remote, "verify", "--json", env=env).stdout)
+    assert report["status"] == "ok"

@@ -21,6 +21,8 @@ daemons still read.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import pwd
 import re
@@ -36,7 +38,7 @@ from pathlib import Path
 from squashfu_fs.engines import rclone
 from squashfu_fs.engines import rsync as rsync_engine
 from squashfu_fs.engines.run import run
-from squashfu_fs.errors import CorruptRootError, ExternalCommandError, UsageError
+from squashfu_fs.errors import CorruptRootError, ExternalCommandError, LockedError, UsageError
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import copies, layers
 from squashfu_fs.store import registry as readers
@@ -178,6 +180,7 @@ class _Dest:
     """Where a sync writes: list, read, put (complete, then renamed), delete."""
 
     where: Location
+    stack: ExitStack
 
     def scan(self) -> dict[str, FileInfo] | None:
         """The names at the top and in ``bins/`` (``bins/N``); None when the copy does not exist."""
@@ -185,6 +188,15 @@ class _Dest:
 
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
+
+    def lock(self) -> None:
+        """One sync at a time to this copy, for the whole sync (see :func:`_dest_lock`)."""
+        self.stack.enter_context(_dest_lock(self.where))
+
+    def history_now(self) -> bytes | None:
+        """The copy's ``history.json`` as it is now (None: it has none)."""
+        state = self.scan()
+        return self.read(HISTORY_NAME) if state is not None and HISTORY_NAME in state else None
 
     def prepare(self) -> None:
         """Make the copy's directory and skeleton (0700)."""
@@ -207,8 +219,9 @@ class _Dest:
 class _RsyncDest(_Dest):
     """A copy at ``[USER@]HOST:PATH``: rsync does every step (over the root's ``rsh``)."""
 
-    def __init__(self, where: Location, work: Path, rsh: str | None) -> None:
+    def __init__(self, where: Location, work: Path, rsh: str | None, stack: ExitStack) -> None:
         self.where = where
+        self.stack = stack
         self.base = where.path
         self.work = work
         self.rsh = rsh
@@ -509,8 +522,9 @@ def _rsync_complaint(stderr: bytes) -> str:
 class _RcloneDest(_Dest):
     """A copy at ``rclone:REMOTE:PATH``: each file uploaded as ``NAME.tmp``, then renamed (moved) to NAME."""
 
-    def __init__(self, where: Location, work: Path) -> None:
+    def __init__(self, where: Location, work: Path, stack: ExitStack) -> None:
         self.where = where
+        self.stack = stack
         self.target = where.path
         self.work = work
 
@@ -581,8 +595,8 @@ def sync(root: str, dest_text: str, *, writable: bool = False, verbose: bool = F
         layers.check_known(source.history.bins)
         if where.kind == "rclone":
             _refuse_directory_bins(source.history, where)
-        dest: _Dest = (_RcloneDest(where, work) if where.kind == "rclone" else _RsyncDest(where, work, rsh)
-                       if where.kind == "ssh" else _LocalDest(where, stack))
+        dest: _Dest = (_RcloneDest(where, work, stack) if where.kind == "rclone"
+                       else _RsyncDest(where, work, rsh, stack) if where.kind == "ssh" else _LocalDest(where, stack))
         return _sync(source, dest, stack, writable=writable, verbose=verbose)
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow
 
@@ -632,18 +646,18 @@ def _refuse_directory_bins(history: History, where: Location) -> None:
                              "sync to a local path or [USER@]HOST:PATH")
 
 
-def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> History | None:
-    """The copy's current history, or None for an empty or new copy; a place that is no copy is refused."""
+def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> tuple[History | None, bytes | None]:
+    """The copy's history and its bytes ((None, None): an empty or new copy); a place that is no copy is refused."""
     if state is None:
-        return None
+        return None, None
     text = dest.where.text
     if HISTORY_NAME in state:
-        history = History.from_json(dest.read(HISTORY_NAME).decode("utf-8", "replace"),
-                                    where=f"{text}/{HISTORY_NAME}")
+        raw = dest.read(HISTORY_NAME)
+        history = History.from_json(raw.decode("utf-8", "replace"), where=f"{text}/{HISTORY_NAME}")
         if copies.mark_of(history) is None:
             raise UsageError(f"{text} is a backup root of its own, not a copy made by `squashfu sync`; "
                              "refusing to overwrite it")
-        return history
+        return history, raw
     allowed = {CONFIG_NAME, ".lock", ".rollbacks", "bins", ".work", *(p.name for p in RootLayout(Path("/")).skeleton())}
     for name in sorted(state):
         if "/" in name:
@@ -652,7 +666,7 @@ def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> History | Non
             continue
         raise UsageError(f"{text} is not empty and holds no copy made by `squashfu sync` (it has {name}); "
                          "give an empty or new directory")
-    return None
+    return None, None
 
 
 def _refuse_foreign(old: History | None, new: History, text: str) -> None:
@@ -688,8 +702,10 @@ def _fresh(info: FileInfo | None, want: FileInfo) -> bool:
 
 def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, verbose: bool) -> SyncResult:
     history = source.history
+    if not isinstance(dest, _LocalDest):
+        dest.lock()  # a local DEST is locked in itself, below
     state = dest.scan()
-    old = _check_dest(dest, state)
+    old, old_raw = _check_dest(dest, state)
     _refuse_foreign(old, history, dest.where.text)
     locked = False
     if isinstance(dest, _LocalDest) and state is not None:
@@ -702,7 +718,7 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
         if not locked:
             dest.lock()
         state = dest.scan()  # as it is now that nobody else writes it
-        old = _check_dest(dest, state)
+        old, old_raw = _check_dest(dest, state)
         _refuse_foreign(old, history, dest.where.text)
     dest.clear_scratch()
     faults.checkpoint("sync-prepared")
@@ -738,6 +754,11 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
         dest.put_small(CONFIG_NAME, source.config)
     when = clock.now().isoformat(timespec="seconds")
     written = copies.unmarked(history) if writable else copies.marked(history, source.text, when)
+    if dest.history_now() != old_raw:
+        # Another sync (from another host, or DEST spelled another way) committed meanwhile and may
+        # have deleted layers this history names: writing it would damage the copy.
+        raise LockedError(f"{dest.where.text} changed while this sync ran (another sync wrote its "
+                          f"{HISTORY_NAME}); nothing more written: run sync again")
     dest.put_small(HISTORY_NAME, written.to_json().encode())
     faults.checkpoint("sync-history-written")
     removed, kept = _remove_unnamed(dest, history)
@@ -773,6 +794,33 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
     if doomed:
         dest.delete(doomed)
     return doomed, kept
+
+
+@contextmanager
+def _dest_lock(where: Location) -> Iterator[None]:
+    """An ``flock`` on this machine keyed by the copy's name, for an ssh or rclone copy, which has no lock of its own.
+
+    Two syncs to one remote copy would otherwise interleave: the older one
+    would commit a history naming layers the newer one already deleted. A
+    copy reached under two spellings (or from two hosts) is caught later,
+    when its history is read again just before the commit.
+    """
+    home = readers.state_root() / "sync-dests"
+    readers.make_state_dir(home)
+    key = hashlib.sha256(f"{where.kind}\0{where.path.rstrip('/') or where.path}".encode()).hexdigest()[:32]
+    fd = os.open(home / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another sync"
+            raise LockedError(f"{where.text} is busy: {holder} syncs to it") from None
+        os.ftruncate(fd, 0)
+        since = clock.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"squashfu sync (pid {os.getpid()}, since {since})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 def _bin_number(rel: str) -> int | None:
