@@ -468,3 +468,26 @@ def test_two_syncs_to_one_rclone_copy_never_commit_a_stale_history(nights: tuple
     assert _layers_env(remote, env) == _layers(root)
     report = json.loads(squashfu("-r", remote, "verify", "--json", env=env).stdout)
     assert report["status"] == "ok"
+
+
+def test_an_rclone_copy_missing_or_damaged_is_not_brought_back(nights: tuple[Path, Path], scratch: Path) -> None:
+    _, root = nights
+    env = _rclone_env(scratch)
+    bucket = scratch / "bucket"
+    remote = f"rclone:offsite:{bucket}"
+    squashfu("-r", root, "sync", remote, env=env)
+    aside = scratch / "1.sfs"
+    (bucket / "bins" / "1.sfs").rename(aside)
+    back = scratch / "back"
+    proc = squashfu("-r", remote, "sync", back, env=env, expect=1)
+    assert "bins/1.sfs" in one_line(proc) and "missing" in one_line(proc)
+    assert not back.exists()  # refused before anything was written
+    aside.rename(bucket / "bins" / "1.sfs")
+    image = bucket / "bins" / "2.sfs"
+    st = image.stat()
+    _flip(image)  # same size, same mtime: only the digest tells
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = squashfu("-r", remote, "sync", back, env=env, expect=1)
+    assert "bins/2.sfs" in one_line(proc) and "digest" in one_line(proc)
+    assert not (back / "history.json").exists() and not (back / "bins" / "2.sfs").exists()
+    assert not any((back / ".work").iterdir())

@@ -38,7 +38,7 @@ from pathlib import Path
 from squashfu_fs.engines import rclone
 from squashfu_fs.engines import rsync as rsync_engine
 from squashfu_fs.engines.run import run
-from squashfu_fs.errors import CorruptRootError, ExternalCommandError, LockedError, UsageError
+from squashfu_fs.errors import CorruptRootError, DamagedRootError, ExternalCommandError, LockedError, UsageError
 from squashfu_fs.store import config as config_mod
 from squashfu_fs.store import copies, layers
 from squashfu_fs.store import registry as readers
@@ -47,7 +47,7 @@ from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import CONFIG_NAME, HISTORY_NAME, RootLayout
 from squashfu_fs.store.lock import writer_lock_at
 from squashfu_fs.store.opening import opened_root
-from squashfu_fs.util import beneath, clock, faults
+from squashfu_fs.util import beneath, clock, digest, faults
 from squashfu_fs.util.say import say
 from squashfu_fs.util.units import human
 
@@ -465,7 +465,7 @@ class _LocalDest(_Dest):
             os.fsync(fd)
 
     def _put_from_rclone(self, source: _RcloneSource, rel: str) -> None:
-        """One image downloaded into DEST's ``.work/``, checked against history, then renamed into place."""
+        """One file downloaded into DEST's ``.work/``, an image checked against its digest in history, then renamed."""
         parent, _, name = rel.rpartition("/")
         info = source.info(rel)
         with beneath.opened(self._dest(), b".work") as work, \
@@ -474,6 +474,13 @@ class _LocalDest(_Dest):
                          dir_fd=work)
             try:
                 rclone.cat_into(source.ref(rel), fd)
+                expected = _image_digests(source.history).get(rel)
+                actual = digest.of_fd(fd) if expected is not None else None
+                if actual != expected:
+                    os.unlink(name, dir_fd=work)
+                    raise DamagedRootError(f"{source.text}/{rel} has digest {str(actual)[:23]}…, its history "
+                                           f"records {str(expected)[:23]}…; not put in place (run "
+                                           f"`squashfu -r {source.text} verify`)")
                 if info is not None and info.mtime is not None:
                     os.utime(fd, (info.mtime, info.mtime))
                 os.fsync(fd)
@@ -700,8 +707,28 @@ def _fresh(info: FileInfo | None, want: FileInfo) -> bool:
     return abs(info.mtime - want.mtime) < 1.5
 
 
+def _refuse_missing(source: _Source) -> None:
+    """Every layer the source's history names must be there: a copy naming absent files is no copy."""
+    for label, names in layer_files(source.history):
+        if source.info(names[0]) is None:
+            raise DamagedRootError(f"{source.text}: history names {names[0]} ({label}) but it is missing; "
+                                   f"nothing written (run `squashfu -r {source.text} verify`)")
+
+
+def _image_digests(history: History) -> dict[str, str]:
+    """The digest history records for each image, by relative name."""
+    out = {}
+    if history.seed is not None and history.seed.digest is not None:
+        out[history.seed.file] = history.seed.digest
+    for b in history.bins:
+        if layers.sealed(b) and b.digest is not None:
+            out[f"bins/{b.number}.sfs"] = b.digest
+    return out
+
+
 def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, verbose: bool) -> SyncResult:
     history = source.history
+    _refuse_missing(source)
     if not isinstance(dest, _LocalDest):
         dest.lock()  # a local DEST is locked in itself, below
     state = dest.scan()
@@ -728,9 +755,7 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
     copied_bytes = unchanged = 0
     for label, names in layer_files(history):
         wanted = [(n, source.info(n)) for n in names]
-        present = [(n, info) for n, info in wanted if info is not None]
-        if not present:
-            continue
+        present = [(n, info) for n, info in wanted if info is not None]  # the layer, and the records it has
         todo = []
         for name, info in present:
             assert info is not None
