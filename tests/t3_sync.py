@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .harness import CLI, fuse_mounted, history, one_line, rollback_snapshot, squashfu
+from .harness import CLI, fuse_mounted, history, one_line, rollback_snapshot, rolled_back, squashfu
 from .sshd import Sshd
 from .treegen import snapshot
 
@@ -491,3 +491,25 @@ def test_an_rclone_copy_missing_or_damaged_is_not_brought_back(nights: tuple[Pat
     assert "bins/2.sfs" in one_line(proc) and "digest" in one_line(proc)
     assert not (back / "history.json").exists() and not (back / "bins" / "2.sfs").exists()
     assert not any((back / ".work").iterdir())
+
+
+def test_a_rollback_of_a_local_copy_keeps_the_directory_bin_it_stacks(scratch: Path) -> None:
+    src, root = scratch / "src", scratch / "root"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha\n")
+    squashfu("init", root, "--no-seal", "--min-bins", "1", "--source", src)
+    squashfu("-r", root, "backup", now=NIGHTS[0])
+    for n in (1, 2):
+        (src / "docs" / "a.txt").write_text(f"alpha {n}\n")
+        squashfu("-r", root, "backup", now=NIGHTS[n])
+    copy = scratch / "copy"
+    squashfu("-r", root, "sync", copy)
+    with rolled_back(copy, "2026-11-03", scratch / "rb") as mp:  # stacks the directory bins/1 of the copy
+        squashfu("-r", root, "resquash")  # bin 1 goes into the seed at the original
+        out = squashfu("-r", root, "sync", copy).stdout
+        assert "a mount of the copy still reads" in out, out
+        assert (copy / "bins" / "1").is_dir()
+        assert (mp / "docs" / "a.txt").read_text() == "alpha 1\n"
+    out = squashfu("-r", root, "sync", copy).stdout  # unmounted: the next sync removes it
+    assert not (copy / "bins" / "1").exists(), out
+    assert _verify(copy)["status"] == "ok"

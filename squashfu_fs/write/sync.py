@@ -40,7 +40,7 @@ from squashfu_fs.engines import rsync as rsync_engine
 from squashfu_fs.engines.run import run
 from squashfu_fs.errors import CorruptRootError, DamagedRootError, ExternalCommandError, LockedError, UsageError
 from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import copies, layers
+from squashfu_fs.store import copies, layers, rollbacks
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.copies import Location
 from squashfu_fs.store.history import History
@@ -795,7 +795,8 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
 
     Only squashfu's own kinds of name: anything in ``bins/``, and at the top
     an old seed image or a ``.tmp`` file. A local copy keeps what its own
-    mount daemons still read, as a resquash does; the next sync deletes it.
+    mount daemons and live roll-backs still read, as recovery does
+    (store/recovery.py); the next sync deletes it.
     """
     state = dest.scan() or {}
     keep = committed_names(history)
@@ -814,6 +815,7 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
         numbers = {n for n in map(_bin_number, doomed) if n is not None}
         readers.wait_for(root, history.generation, unused=numbers)
         bins, seeds = readers.in_use(root, history.generation, numbers)
+        bins |= numbers & rollbacks.bins_read(RootLayout(root))  # a kernel roll-back of the copy stacks them
         kept = [rel for rel in doomed if rel in seeds or _bin_number(rel) in bins]
         doomed = [rel for rel in doomed if rel not in kept]
     if doomed:
