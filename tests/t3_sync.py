@@ -513,3 +513,21 @@ def test_a_rollback_of_a_local_copy_keeps_the_directory_bin_it_stacks(scratch: P
     out = squashfu("-r", root, "sync", copy).stdout  # unmounted: the next sync removes it
     assert not (copy / "bins" / "1").exists(), out
     assert _verify(copy)["status"] == "ok"
+
+
+def test_a_copy_brought_back_writable_names_the_commands_its_config_runs_as_root(nights: tuple[Path, Path],
+                                                                                  scratch: Path) -> None:
+    _, root = nights
+    with open(root / "squashfu.toml", "a") as f:
+        f.write('before_backup = "/usr/local/sbin/dump-db"\nrsh = "ssh -p 2222"\n')
+    env = _rclone_env(scratch)
+    remote = f"rclone:offsite:{scratch / 'bucket'}"
+    squashfu("-r", root, "sync", remote, env=env)
+    back = scratch / "back"
+    proc = squashfu("-r", remote, "sync", back, "--writable", env=env, expect=3)
+    line = one_line(proc)
+    assert "before_backup" in line and "rsh" in line and str(back / "squashfu.toml") in line
+    assert "synced to" in proc.stdout  # committed: a root of its own, the warning is about what runs next
+    assert "copy" not in history(back)
+    assert (back / "squashfu.toml").read_bytes() == (root / "squashfu.toml").read_bytes()
+    squashfu("-r", remote, "sync", scratch / "marked", env=env)  # a marked copy refuses backup: no warning

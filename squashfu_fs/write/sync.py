@@ -29,6 +29,7 @@ import re
 import shutil
 import stat
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class SyncResult:
     unchanged: int  # layer files already at the copy
     removed: tuple[str, ...]  # names deleted at the copy after the commit
     kept: tuple[str, ...]  # names a mount of a local copy still reads, left for a later sync
+    commands: tuple[str, ...] = ()  # --writable: the settings of the config brought along that run commands as root
 
     def summary(self) -> str:
         parts = [f"copied {len(self.copied)} layer file(s) ({human(self.copied_bytes)})",
@@ -787,7 +789,25 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
     dest.put_small(HISTORY_NAME, written.to_json().encode())
     faults.checkpoint("sync-history-written")
     removed, kept = _remove_unnamed(dest, history)
-    return SyncResult(dest.where.text, tuple(copied), copied_bytes, unchanged, tuple(removed), tuple(kept))
+    commands = _commands(source.config) if writable else ()
+    return SyncResult(dest.where.text, tuple(copied), copied_bytes, unchanged, tuple(removed), tuple(kept), commands)
+
+
+def _commands(config: bytes) -> tuple[str, ...]:
+    """The settings of a config that run commands as root: its hooks, and an ``rsh`` other than plain ssh.
+
+    A root brought back with ``--writable`` runs them at its next backup
+    (docs/security.md, "What is left to the administrator"): the copy's
+    config is code from wherever the copy was kept.
+    """
+    try:
+        data = tomllib.loads(config.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ("an unreadable squashfu.toml",)
+    found = [key for key in config_mod.HOOKS if data.get(key)]
+    if data.get("rsh", config_mod.DEFAULT_RSH) != config_mod.DEFAULT_RSH:
+        found.append("rsh")
+    return tuple(found)
 
 
 def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]]:
