@@ -116,8 +116,9 @@ def main(root: Path | None, debug: bool) -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--source", required=True, type=click.Path(path_type=Path),
-              help="The directory to back up.")
+@click.option("--source", "sources", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="The directory to back up; repeated, each source appears under its own absolute path "
+                   "in every view (as with rsync --relative).")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
               help="An rsync exclude pattern; may be repeated.")
 @click.option("--compression", type=click.Choice(["zstd", "xz", "gzip", "lz4", "lzo"]),
@@ -128,20 +129,20 @@ def main(root: Path | None, debug: bool) -> None:
               help="Bins left after a resquash.")
 @click.option("--seal/--no-seal", default=True, show_default=True,
               help="Compress each night's bin into an image with a digest (docs/layout.md).")
-def init(root: Path, source: Path, excludes: tuple[str, ...], compression: str,
+def init(root: Path, sources: tuple[Path, ...], excludes: tuple[str, ...], compression: str,
          max_bins: int, min_bins: int, seal: bool) -> None:
     """Create a backup root for SOURCE at ROOT."""
     from squashfu_fs.errors import ConfigError
-    from squashfu_fs.store.config import Config
+    from squashfu_fs.store.config import Config, source_settings
     from squashfu_fs.write.create import init_root
 
     try:
-        config = Config(source=os.path.abspath(source), excludes=excludes, compression=compression,
-                        max_bins=max_bins, min_bins=min_bins, seal=seal)
+        config = Config(**source_settings([os.path.abspath(s) for s in sources]), excludes=excludes,
+                        compression=compression, max_bins=max_bins, min_bins=min_bins, seal=seal)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     init_root(Path(os.path.abspath(root)), config)
-    click.echo(f"initialised {root} for {config.source}")
+    click.echo(f"initialised {root} for {', '.join(config.source_paths)}")
 
 
 @main.command()

@@ -53,11 +53,22 @@ class RsyncResult:
         return self.status == PARTIAL
 
 
-def backup_args(source: Path, target: Path, excludes: Sequence[str], *, dry_run: bool = False) -> list[str]:
-    """The rsync command that mirrors ``source`` into the union at ``target``."""
-    args = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_exclude_args(excludes)]
+def backup_args(source: Path, target: Path, excludes: Sequence[str], *, dry_run: bool = False,
+                selection: Sequence[bytes] = ()) -> list[str | bytes]:
+    """The rsync command that mirrors ``source`` into the union at ``target``.
+
+    With a ``selection`` (several sources, relative to ``source``) only those
+    subtrees are mirrored, each under its own path: ``--relative`` with
+    ``SOURCE/./etc``, so excludes stay anchored at ``source`` and the
+    directories above each one come with their attributes; ``--delete`` acts
+    only inside the selected subtrees.
+    """
+    args: list[str | bytes] = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_exclude_args(excludes)]
     if dry_run:
         args += ["--dry-run", "--itemize-changes", "--out-format=%i %n%L"]
+    if selection:
+        top = os.fsencode(source).rstrip(b"/")
+        return [*args, "--relative", *(top + b"/./" + rel for rel in selection), _dir(target)]
     return [*args, _dir(source), _dir(target)]
 
 

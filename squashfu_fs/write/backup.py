@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import stat
 import time
@@ -48,7 +49,15 @@ from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_laye
 from squashfu_fs.write.retention import resquash
 from squashfu_fs.write.seal import list_digests, seal_all
 from squashfu_fs.write.seed import SeedContents, commit_seed
-from squashfu_fs.write.source import check_source, own_mounts_below, source_opened, walk_source
+from squashfu_fs.write.source import (
+    check_source,
+    own_mounts_below,
+    refuse_missing_sources,
+    source_excludes,
+    source_opened,
+    source_states,
+    walk_source,
+)
 from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, stage_tree
 
 
@@ -175,14 +184,13 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
         if not dry_run:  # a dry run commits nothing, so no hook runs around it and no metric changes
             run.hooks = Hooks(root, config, log_file)
             run.metrics_file = config.metrics_file
-        source = Path(config.source)
-        if not source.is_dir():
-            raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
-        placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
+        refuse_missing_sources(config, "nothing was backed up")
+        for source in config.source_paths:  # the root may have been moved since init
+            placement.refuse_root_inside_source(root, Path(source))
 
     with opened_root(root, "backup", write=True, verbose=verbose, check=refuse_source) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
-        own = own_mounts_below(Path(config.source))
+        own = own_mounts_below(Path(config.source), config.selection)
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
@@ -299,11 +307,15 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     """rsync the source into a staging upper layer, then squash exactly that."""
     start = time.monotonic()
     say(verbose, "first backup: copying the source into the staging layer")
-    excludes = Excludes(config.excludes)
+    excludes = source_excludes(config)
     with source_opened(config.source) as source_fd:
         walked = walk_source(source_fd, excludes, log_file, verbose)
+        states = source_states(source_fd, config, walked)
         try:
-            result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file)
+            result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file,
+                                selection=config.selection)
+            if config.several:  # rsync --relative leaves the top alone: give it "/"'s attributes, as every bin
+                result = _copy_top(source_fd, layout.staging, result, log_file)
             copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result,
                                      remove=_remove_from_union)
         except BaseException:
@@ -314,7 +326,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     say(verbose, f"compressing the seed with {config.compression}")
     contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
                             escaped_xattrs=scan.escaped_xattrs, source_device=walked.device,
-                            source_fsid=walked.fsid, source_entries=walked.count)
+                            source_fsid=walked.fsid, source_entries=walked.count, sources=states)
     history = commit_seed(layout, history, config, contextlib.nullcontext(layout.staging), contents=contents,
                           started=start, progress=progress, checkpoint="after-commit")
     if copied is not None and scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
@@ -371,10 +383,11 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     start = time.monotonic()
     number = history.next_bin
     partial = layout.partial_bin(number)
-    excludes = Excludes(config.excludes)
+    excludes = source_excludes(config)
     with source_opened(config.source) as source_fd:
         walked = walk_source(source_fd, excludes, log_file, verbose)
-        moved_fs = check_source(history, config.source, walked, allow_source_change)
+        states = source_states(source_fd, config, walked)
+        moved_fs = check_source(history, config.source, walked, allow_source_change, states)
         plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
                                                                                      walked)
         straight = plan is not None and not plan.recheck
@@ -392,15 +405,10 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                 result, copied, deleted = _write_through_union(layout, history, config, plan, number, source_fd,
                                                                walked, progress=progress, verbose=verbose,
                                                                log_file=log_file)
-            if plan is not None:  # rsync saw the top only if it changed, but the bin's top is every view's top
-                with beneath.opened_root(partial) as bin_fd:
-                    failed = into_bin.copy_top(source_fd, bin_fd)
-                if failed:  # reported like a file rsync could not copy: committed, exit 3, named in the log
-                    with open(log_file, "a") as log:
-                        log.writelines(f"squashfu: the source's top directory: xattr {f}\n" for f in failed)
-                    result = dataclasses.replace(
-                        result, status=rsync.PARTIAL if result.status in (rsync.OK, rsync.VANISHED) else result.status,
-                        errors=result.errors + tuple(f"xattr of the source's top directory {f}" for f in failed))
+            if plan is not None or config.several:
+                # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
+                # view's top
+                result = _copy_top(source_fd, partial, result, log_file)
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
@@ -418,7 +426,8 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
               duration=round(time.monotonic() - start, 3), bytes=scan.size, files=scan.files,
               rsync_status=result.status, escaped_xattrs=scan.escaped_xattrs,
               compare="full" if plan is None else "manifest", source_device=walked.device,
-              source_fsid=walked.fsid, source_entries=walked.count, digest=listed, acls=bool(scan.acl_paths))
+              source_fsid=walked.fsid, source_entries=walked.count, digest=listed, acls=bool(scan.acl_paths),
+              sources=states)
     history = history.with_bin(new)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")
@@ -454,8 +463,8 @@ def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, n
                                        sorted(set(listed) | {p for rel in listed for p in into_bin.parents(rel)}))
         into_bin.mark_opaque(bin_fd, plan.replaced)
         result = _repair_acls(source_fd, bin_fd, result, verbose)
-        fix_union(source_fd, bin_fd, os.fsencode(partial), verbose)
-        copied = _copied_entries(source_fd, partial, walked, plan, Excludes(config.excludes), result,
+        fix_union(source_fd, bin_fd, os.fsencode(partial), verbose, config.selection)
+        copied = _copied_entries(source_fd, partial, walked, plan, source_excludes(config), result,
                                  remove=into_bin.withdraw)
     return result, copied, plan.gone
 
@@ -475,14 +484,14 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
             beneath.opened_root(layout.rw) as union_fd:
         deleted = 0
         if plan is None:
-            args = rsync.backup_args(Path(config.source), layout.rw, config.excludes)
+            args = rsync.backup_args(Path(config.source), layout.rw, config.excludes, selection=config.selection)
         else:
             args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
         result = rsync.run(args, log=log_file, progress=progress, label="backup")
         (layout.work / f"changed-{number}").unlink(missing_ok=True)
         result = _repair_acls(source_fd, union_fd, result, verbose)
-        fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
-        copied = _copied_entries(source_fd, layout.rw, walked, plan, Excludes(config.excludes), result,
+        fix_union(source_fd, union_fd, os.fsencode(partial), verbose, config.selection)
+        copied = _copied_entries(source_fd, layout.rw, walked, plan, source_excludes(config), result,
                                  remove=_remove_from_union)
     return result, copied, deleted
 
@@ -493,13 +502,13 @@ def _change_plan(layout: RootLayout, history: History, config: Config,
     if not walked.trusted:
         return None
     manifest = changes.load(layout.manifest)
-    if manifest is None or not manifest.valid_for(history.next_bin - 1, config.source, config.excludes):
+    if manifest is None or not manifest.valid_for(history.next_bin - 1, _manifest_source(config), config.excludes):
         return None
     return changes.compare(manifest.entries, walked.entries, walked.dirs)
 
 
 def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.Changes, number: int,
-                              union: int, walked: changes.Scan) -> tuple[list[str], int]:
+                              union: int, walked: changes.Scan) -> tuple[list[str | bytes], int]:
     """Delete what is gone through the union (whiteouts), and list the rest for rsync.
 
     Every deletion is resolved beneath the union's fd without following a
@@ -526,7 +535,7 @@ def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.
                 deleted += 1
     listing = layout.work / f"changed-{number}"
     listing.write_bytes(b"".join(rel + b"\0" for rel in plan.changed))
-    return rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing), deleted
+    return [*rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing)], deleted
 
 
 def _below_a_non_directory(top: int, rel: bytes) -> bool:
@@ -557,7 +566,26 @@ def _record_manifest(layout: RootLayout, history: History, config: Config, entri
     if entries is None:
         layout.manifest.unlink(missing_ok=True)  # tomorrow compares the whole tree again
         return
-    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, config.source, config.excludes, entries))
+    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, _manifest_source(config), config.excludes,
+                                                   entries))
+
+
+def _manifest_source(config: Config) -> str:
+    """What a manifest is valid for: the source, or with several sources all of them (as JSON)."""
+    return json.dumps(list(config.sources)) if config.several else config.source
+
+
+def _copy_top(source_fd: int, top: Path, result: rsync.RsyncResult, log_file: Path) -> rsync.RsyncResult:
+    """Give the layer's top the source top's attributes; an xattr it cannot hold is reported as rsync would."""
+    with beneath.opened_root(top) as top_fd:
+        failed = into_bin.copy_top(source_fd, top_fd)
+    if not failed:
+        return result
+    with open(log_file, "a") as log:  # reported like a file rsync could not copy: committed, exit 3, in the log
+        log.writelines(f"squashfu: the source's top directory: xattr {f}\n" for f in failed)
+    return dataclasses.replace(
+        result, status=rsync.PARTIAL if result.status in (rsync.OK, rsync.VANISHED) else result.status,
+        errors=result.errors + tuple(f"xattr of the source's top directory {f}" for f in failed))
 
 
 def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bool) -> rsync.RsyncResult:
@@ -573,9 +601,12 @@ def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bo
     return dataclasses.replace(result, status=rsync.OK, errors=())
 
 
-def fix_union(source: int, union: int, upper: bytes, verbose: bool) -> None:
-    """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative)."""
-    relinked = unionfix.repair(source, union, upper)
+def fix_union(source: int, union: int, upper: bytes, verbose: bool, selection: tuple[bytes, ...] = ()) -> None:
+    """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative).
+
+    With several sources (``selection``), a hard link's other names are looked for only inside them.
+    """
+    relinked = unionfix.repair(source, union, upper, selection)
     if relinked:
         say(verbose, f"re-joined {relinked} hard link(s) split by copy-up")
     unionfix.restore_dir_times(source, union, upper)
@@ -586,7 +617,9 @@ def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
     source = Path(config.source)
     if history.seed is None:
         say(True, "no backup yet: the first backup would copy everything below")
-        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True), echo_items=True)
+        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True, selection=config.selection),
+                  echo_items=True)
         return
     with committed_view(layout, history) as view:
-        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True), echo_items=True)
+        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True, selection=config.selection),
+                  echo_items=True)

@@ -62,17 +62,19 @@ def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
 
 
 def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
-               progress: bool, log: Path | None) -> rsync.RsyncResult:
+               progress: bool, log: Path | None, selection: tuple[bytes, ...] = ()) -> rsync.RsyncResult:
     """rsync ``source`` into ``.staging`` through an overlay with an empty lower layer.
 
     Going through overlayfs makes the staging tree a proper upper layer: a
     source's own ``trusted.overlay.*`` xattrs are stored escaped, as in bins.
+    With a ``selection`` (several sources) only those subtrees of ``source``
+    are copied, each under its own path (``engines/rsync.backup_args``).
     """
     recovery.remove(layout.staging)
     layout.staging.mkdir()
     with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
                        upper=os.path.relpath(layout.staging, layout.root), work=layout.work / "staging"):
-        result = rsync.run(rsync.backup_args(source, layout.rw, excludes), log=log,
+        result = rsync.run(rsync.backup_args(source, layout.rw, excludes, selection=selection), log=log,
                            progress=progress, label="backup")
         with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
             unionfix.restore_dir_times(source_fd, union_fd, os.fsencode(layout.staging))
