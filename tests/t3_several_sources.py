@@ -22,7 +22,7 @@ from squashfu_fs.engines import mounts
 from squashfu_fs.errors import ConfigError
 from squashfu_fs.store.config import Config, load
 
-from .harness import history, one_line, rollback_snapshot, rolled_back, squashfu
+from .harness import bin_entries, fuse_mounted, history, one_line, rollback_snapshot, rolled_back, squashfu
 from .treegen import B, Entry, build_initial, describe, differences, mutate, snapshot
 
 pytestmark = pytest.mark.mounts
@@ -291,3 +291,62 @@ def test_a_config_names_several_sources_as_a_list() -> None:
     assert 'source = ["/etc", "/srv/www"]\n' in config.to_toml()
     with pytest.raises(ConfigError, match="walked from"):
         Config(source="/etc", sources=("/etc", "/srv"))
+
+
+def test_a_source_added_later_appears_and_one_taken_out_is_refused(
+        scratch: Path, sources: tuple[list[Path], list[Path]]) -> None:
+    (etc, www), _ = sources
+    home = scratch / "home"
+    home.mkdir()
+    (home / "notes").write_text("added later\n")
+    root, config = scratch / "root", scratch / "root" / "squashfu.toml"
+    squashfu("init", root, "--source", etc, "--source", www)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    text = config.read_text()
+    config.write_text(text.replace(f'"{www}"]', f'"{www}", "{home}"]'))
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    view = rollback_snapshot(root, "latest", scratch / "mp")[0]
+    assert rel(home) + b"/notes" in view and rel(etc) + b"/big.bin" in view
+    assert [s["path"] for s in history(root)["bins"][-1]["sources"]] == [str(etc), str(www), str(home)]
+    before = (root / "history.json").read_bytes()
+    for edited, words in [(text, f"source {home} was taken out"),
+                          (f'source = "{etc}"\n', "made for several sources")]:
+        config.write_text(edited)
+        line = one_line(squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=2))
+        assert words in line and "start a new root" in line, line
+        line = one_line(squashfu("-r", root, "backup", "--allow-source-change", now="2026-11-04T02:00", expect=2))
+        assert words in line, line
+        assert (root / "history.json").read_bytes() == before
+
+
+def test_a_root_of_one_source_edited_to_several_is_refused(scratch: Path) -> None:
+    src, other, root = scratch / "src", scratch / "other", scratch / "root"
+    src.mkdir()
+    other.mkdir()
+    (src / "a").write_text("a\n")
+    squashfu("init", root, "--source", src)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    before = (root / "history.json").read_bytes()
+    config = root / "squashfu.toml"
+    config.write_text(config.read_text().replace(f'source = "{src}"', f'source = ["{src}", "{other}"]'))
+    line = one_line(squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=2))
+    assert "made for one source" in line, line
+    assert (root / "history.json").read_bytes() == before
+
+
+def test_the_history_mounted_inside_a_source_is_not_backed_up(scratch: Path,
+                                                              sources: tuple[list[Path], list[Path]]) -> None:
+    (etc, www), _ = sources
+    root = scratch / "root"
+    squashfu("init", root, "--source", etc, "--source", www)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    with fuse_mounted(root, www / "backups"), rolled_back(root, "latest", etc / "rb"):
+        for number, extra in ((1, []), (2, ["--full"])):  # a manifest night, then a full one
+            (www / "shared-too").write_text(f"changed {number}\n")
+            proc = squashfu("-r", root, "backup", "-v", *extra, now=f"2026-11-0{2 + number}T02:00")
+            line = next(ln for ln in proc.stderr.splitlines() if "leaving out squashfu's own mounts" in ln)
+            for pattern in (f"/{os.fsdecode(rel(etc))}/rb/", f"/{os.fsdecode(rel(www))}/backups/"):
+                assert pattern in line, line
+            entries = bin_entries(root, number)
+            assert rel(www) + b"/shared-too" in entries
+            assert not [e for e in entries if e.startswith((rel(www) + b"/backups", rel(etc) + b"/rb"))], entries

@@ -135,6 +135,7 @@ def check_source(history: History, source: str, walked: changes.Scan, allow: boo
     last = history.bins[-1] if history.bins else history.seed
     if last is None:
         return False
+    _refuse_another_layout(last.sources, states, last.source_device is not None)
     if states is not None:  # several sources: each one on its own, "/" above them says nothing
         before = {state.path: state for state in last.sources or ()}
         moved_any = False
@@ -148,6 +149,25 @@ def check_source(history: History, source: str, walked: changes.Scan, allow: boo
         return False  # a history written before squashfu recorded this
     return _refuse(source, walked.device, walked.fsid, walked.count, last.source_device, last.source_fsid,
                    last.source_entries, allow)
+
+
+def _refuse_another_layout(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None,
+                           known: bool) -> None:
+    """A config edited from one source to several (or back), or with a source taken out, is refused.
+
+    Each would leave the old layout's paths in every later day: rsync
+    ``--relative`` deletes only inside the sources it is given. Adding a
+    source is fine: it appears from tonight. See docs/operations.md, "Several sources".
+    """
+    fresh = "start a new root for the new list of sources (docs/operations.md, \"Several sources\")"
+    if now is None and before is not None:
+        raise UsageError(f"this root was made for several sources, and the config now names one; {fresh}")
+    if now is not None and before is None and known:
+        raise UsageError(f"this root was made for one source, and the config now names several; {fresh}")
+    removed = sorted({state.path for state in before or ()} - {state.path for state in now or ()})
+    if removed:
+        raise UsageError(f"source {removed[0]} was taken out of the config; its last state would stay in "
+                         f"every later day; {fresh}")
 
 
 def _refuse(source: str, device: int, fsid: int, count: int, last_device: int, last_fsid: int | None,
