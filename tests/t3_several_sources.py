@@ -243,6 +243,16 @@ def test_bad_source_lists_are_refused_in_one_line(scratch: Path, given: list[str
     assert not (scratch / "root").exists()
 
 
+def test_an_exclude_that_leaves_out_a_source_is_refused(scratch: Path,
+                                                        sources: tuple[list[Path], list[Path]]) -> None:
+    (etc, www), _ = sources
+    for pattern in ("/" + os.fsdecode(rel(www.parent)), "www/", "e*"):
+        line = one_line(squashfu("init", scratch / "root", "--source", etc, "--source", www, "--exclude", pattern,
+                                 expect=2))
+        assert f"the exclude pattern {pattern!r} leaves out the source" in line, line
+        assert not (scratch / "root").exists()
+
+
 @pytest.mark.parametrize(("value", "words"), [
     ('["/etc", "/etc"]', "given twice"),
     ('["/srv", "/srv/www"]', "inside source /srv"),
@@ -342,7 +352,7 @@ def test_the_history_mounted_inside_a_source_is_not_backed_up(scratch: Path,
     squashfu("-r", root, "backup", now="2026-11-02T02:00")
     with fuse_mounted(root, www / "backups"), rolled_back(root, "latest", etc / "rb"):
         for number, extra in ((1, []), (2, ["--full"])):  # a manifest night, then a full one
-            (www / "shared-too").write_text(f"changed {number}\n")
+            (www / "shared-too").write_text("changed\n" * number)  # a new size: a full night quick-checks
             proc = squashfu("-r", root, "backup", "-v", *extra, now=f"2026-11-0{2 + number}T02:00")
             line = next(ln for ln in proc.stderr.splitlines() if "leaving out squashfu's own mounts" in ln)
             for pattern in (f"/{os.fsdecode(rel(etc))}/rb/", f"/{os.fsdecode(rel(www))}/backups/"):
@@ -350,3 +360,29 @@ def test_the_history_mounted_inside_a_source_is_not_backed_up(scratch: Path,
             entries = bin_entries(root, number)
             assert rel(www) + b"/shared-too" in entries
             assert not [e for e in entries if e.startswith((rel(www) + b"/backups", rel(etc) + b"/rb"))], entries
+
+
+def test_a_source_reached_through_a_symlink_is_refused(scratch: Path,
+                                                       sources: tuple[list[Path], list[Path]]) -> None:
+    (etc, www), _ = sources
+    (scratch / "link").symlink_to(www.parent)
+    line = one_line(squashfu("init", scratch / "root", "--source", etc, "--source", scratch / "link" / "www",
+                             expect=2))
+    assert "reached through a symlink" in line and "nothing was created" in line, line
+    assert not (scratch / "root").exists()
+
+
+def test_a_dry_run_names_paths_under_each_source_and_commits_nothing(
+        scratch: Path, sources: tuple[list[Path], list[Path]]) -> None:
+    (etc, www), _ = sources
+    root = scratch / "root"
+    squashfu("init", root, "--source", etc, "--source", www)
+    first = squashfu("-r", root, "backup", "--dry-run", now="2026-11-02T02:00").stdout
+    assert os.fsdecode(rel(etc)) + "/big.bin" in first and os.fsdecode(rel(www)) + "/big.bin" in first, first
+    assert "srv/other" not in first, first
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    before = (root / "history.json").read_bytes()
+    (www / "new.txt").write_text("tonight\n")
+    tonight = squashfu("-r", root, "backup", "--dry-run", now="2026-11-03T02:00").stdout
+    assert os.fsdecode(rel(www)) + "/new.txt" in tonight and "big.bin" not in tonight, tonight
+    assert (root / "history.json").read_bytes() == before

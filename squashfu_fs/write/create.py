@@ -28,7 +28,7 @@ def init_root(root: Path, config: Config) -> None:
     require_root("init")
     if not config.several and not Path(config.source).is_dir():
         raise UsageError(f"source {config.source} is not a directory")
-    refuse_missing_sources(config, "give each source as its real path")
+    refuse_missing_sources(config, "nothing was created")
     for source in config.source_paths:
         placement.refuse_root_inside_source(root, Path(source))
     placement.refuse_volatile_root(root)

@@ -68,6 +68,12 @@ def refuse_missing_sources(config: Config, then: str) -> None:
         if not Path(config.source).is_dir():
             raise UsageError(f"source {config.source} is missing or not a directory; {then}")
         return
+    for path, rel in zip(config.sources, config.selection, strict=True):
+        parts = rel.split(b"/")
+        for pattern in config.excludes:
+            if any(Excludes((pattern,)).excluded(b"/".join(parts[:i]), True) for i in range(1, len(parts) + 1)):
+                raise UsageError(f"the exclude pattern {pattern!r} leaves out the source {path} (or a directory "
+                                 f"above it); remove the pattern or the source; {then}")
     with beneath.opened_root(config.source) as top:
         for path, rel in zip(config.sources, config.selection, strict=True):
             try:
