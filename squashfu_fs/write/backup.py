@@ -36,7 +36,7 @@ from squashfu_fs.errors import (
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, recovery, usage
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History
+from squashfu_fs.store.history import Bin, History, SourceState
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults, metrics
@@ -284,6 +284,8 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
         if mass_deletion:
             log.write(b"squashfu: this backup deletes %d of the %d entries the source had at the backup "
                       b"before\n" % (scan.deleted, scan.entries_before))
+        log.writelines(b"squashfu: this backup leaves the source %s with fewer than half its entries\n"
+                       % os.fsencode(shrunk) for shrunk in scan.shrunk)
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
         say(verbose, f"some source files vanished during the backup; see {log_file}")
     missing = []
@@ -298,6 +300,9 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
     if mass_deletion:
         missing.append(f"it deletes {scan.deleted} of {scan.entries_before} entries of the source "
                        "(more than half): check that the source is what it should be")
+    elif scan.shrunk:
+        missing.append(f"it leaves {', '.join(scan.shrunk)} with fewer than half the entries of the backup "
+                       "before: check that the source is what it should be")
     if missing:
         raise PartialBackupError(f"backup committed, but {'; '.join(missing)}; see {log_file}")
 
@@ -434,8 +439,15 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     _record_manifest(layout, history, config, copied)
     say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
-                               entries_before=last.source_entries or 0)
+                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states))
     return history, scan, result
+
+
+def _shrunk(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None) -> tuple[str, ...]:
+    """Each of several sources left with fewer than half the entries it had: a mass deletion of that one."""
+    old = {state.path: state.entries for state in before or ()}
+    return tuple(f"{state.path} ({state.entries} of {old[state.path]})" for state in now or ()
+                 if old.get(state.path) and state.entries * 2 < old[state.path])
 
 
 def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, number: int, source_fd: int,
