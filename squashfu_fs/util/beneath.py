@@ -274,26 +274,27 @@ def walk_within(rootfd: int, selection: tuple[bytes, ...], *,
     seen: set[bytes] = set()
     for top in sorted(selection):
         parts = components(top)
-        st: os.stat_result | None = None
+        chain: list[tuple[bytes, os.stat_result]] = []
         for depth in range(1, len(parts) + 1):
             rel = b"/".join(parts[:depth])
             try:
                 st = lstat_beneath(rootfd, rel)
             except OSError as exc:
                 failed(rel, exc)
-                st = None
                 break
             if keep is not None and not keep(rel, st):
-                st = None
+                break  # as rsync, which sends nothing of a selected path it excludes, parents included
+            chain.append((rel, st))
+            if not stat.S_ISDIR(st.st_mode):
                 break
+        whole = len(chain) == len(parts) and stat.S_ISDIR(chain[-1][1].st_mode)
+        for rel, st in chain if whole else ():
             if rel not in seen:
                 seen.add(rel)
                 yield rel, st
-            if not stat.S_ISDIR(st.st_mode):
-                st = None
-                break
-        if st is None:
+        if not whole:
             continue
+        st = chain[-1][1]
         try:
             fd = open_beneath(rootfd, top)
         except OSError as exc:
