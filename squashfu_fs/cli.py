@@ -21,14 +21,23 @@ from typing import Any, TypeVar
 import click
 
 from squashfu_fs import __version__
-from squashfu_fs.errors import SquashfuError, describe
+from squashfu_fs.errors import SquashfuError, UsageError, describe
 from squashfu_fs.util.say import say
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+RCLONE_PREFIX = "rclone:"  # a copy on an object store (squashfu_fs/store/copies.py)
+RCLONE_COMMANDS = ("list", "verify", "sync")  # the commands that read one
+
+
 def _root_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
-    """The root as the kernel resolves it now; code that must know it is the same root compares devices."""
+    """The root as the kernel resolves it now; code that must know it is the same root compares devices.
+
+    An ``rclone:REMOTE:PATH`` copy is kept as written: rclone resolves it.
+    """
+    if value is not None and value.startswith(RCLONE_PREFIX):
+        return Path(value)
     return None if value is None else Path(os.path.realpath(value))
 
 
@@ -41,6 +50,9 @@ def needs_root(func: F) -> F:
         root = ctx.find_root().params.get("root")
         if root is None:
             raise click.UsageError("no backup root: give -r/--root ROOT or set SQUASHFU_ROOT")
+        if str(root).startswith(RCLONE_PREFIX) and ctx.info_name not in RCLONE_COMMANDS:
+            raise UsageError(f"{root} is an rclone copy: only {', '.join(RCLONE_COMMANDS)} read one; "
+                             "bring it back with `squashfu -r REMOTE sync NEWROOT` first")
         return ctx.invoke(func, root, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -198,6 +210,11 @@ def list_(root: Path, as_json: bool) -> None:
 
     if as_json:
         _json_errors()
+    if str(root).startswith(RCLONE_PREFIX):
+        from squashfu_fs.read.rclone_copy import list_copy
+
+        click.echo(list_copy(str(root), as_json=as_json), nl=False)
+        return
     click.echo(list_report(root, as_json=as_json), nl=False)
 
 
@@ -342,10 +359,30 @@ def verify(root: Path, data: bool, as_json: bool, progress: bool | None) -> None
 
     if as_json:
         _json_errors()
-    report = do_verify(root, data=data, progress=_want_progress(progress))
+    if str(root).startswith(RCLONE_PREFIX):
+        from squashfu_fs.read.rclone_copy import verify_copy
+
+        report = verify_copy(str(root), data=data)
+    else:
+        report = do_verify(root, data=data, progress=_want_progress(progress))
     click.echo(report.as_json() if as_json else report.as_text(), nl=False)
     if not report.ok:
         raise DamagedRootError(report.failure())
+
+
+@main.command()
+@needs_root
+@click.argument("dest", metavar="DEST")
+@click.option("--writable", is_flag=True,
+              help="Write DEST as a root of its own that backup and resquash accept (bringing a copy back "
+                   "after the original is lost); without it DEST is marked as a copy and refuses them.")
+@verbose_option
+def sync(root: Path, dest: str, writable: bool, verbose: bool) -> None:
+    """Copy the committed history to DEST: a local path, [USER@]HOST:PATH (rsync over the root's rsh) or
+    rclone:REMOTE:PATH; only new layer files are copied, history.json last, then old layers deleted."""
+    from squashfu_fs.write.sync import sync as do_sync
+
+    click.echo(do_sync(str(root), dest, writable=writable, verbose=verbose).summary())
 
 
 @main.command()

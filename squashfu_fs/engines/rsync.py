@@ -103,6 +103,54 @@ def copy_args(source: bytes, target: bytes | Path, *, delete: bool = False) -> l
     return [*args, source, os.fspath(target)]
 
 
+def _shell(rsh: str | None) -> list[str]:
+    """``-e RSH`` for a far side reached over ssh (rsync splits the command line itself)."""
+    return ["-e", rsh] if rsh else []
+
+
+def sync_args(source: Path, dest: str, files_from: Path, *, rsh: str | None = None) -> list[str]:
+    """The rsync command that copies the listed layer files of a root to a copy (docs/operations.md).
+
+    Each file is written under a temporary name in the copy's ``.work/`` and
+    renamed into place once whole and fsynced, so a killed sync leaves only
+    scratch there. ``-r``: a directory bin listed is copied whole, with its
+    whiteouts, ``trusted.overlay`` xattrs, owners and hard links.
+    """
+    return [require("rsync"), *PRESERVE, "-r", "--fsync", "--temp-dir=.work", f"--files-from={files_from}",
+            "--from0", *_shell(rsh), _dir(source), dest.rstrip("/") + "/"]
+
+
+def put_args(files: Sequence[str], dest: str, *, rsh: str | None = None, mkpath: bool = False) -> list[str]:
+    """The rsync command that puts local files (a copy's skeleton, config, history) into ``dest``.
+
+    Each file is renamed into place once whole; ``mkpath`` (the skeleton)
+    makes ``dest`` and its parents first.
+    """
+    return [require("rsync"), "-a", "--fsync", *(["--mkpath"] if mkpath else ["--temp-dir=.work"]),
+            *_shell(rsh), *files, dest.rstrip("/") + "/"]
+
+
+def list_args(dest: str, *, rsh: str | None = None) -> list[str]:
+    """The rsync command that lists one directory of a copy (``--list-only``)."""
+    return [require("rsync"), "--list-only", *_shell(rsh), dest.rstrip("/") + "/"]
+
+
+def fetch_args(source: str, target: Path, *, rsh: str | None = None) -> list[str]:
+    """The rsync command that fetches one small file of a copy."""
+    return [require("rsync"), "--times", *_shell(rsh), source, os.fspath(target)]
+
+
+def delete_args(empty: Path, dest: str, names: Sequence[str], *, rsh: str | None = None) -> list[str]:
+    """The rsync command that deletes exactly ``names`` (files or whole directories) directly in ``dest``.
+
+    An empty directory is mirrored with ``--delete``, and every name but
+    those is excluded (excluded names are never deleted).
+    """
+    rules = [rule for name in names for rule in (f"--include=/{name}", f"--include=/{name}/***")]
+    return [require("rsync"), "-r", "--delete", *rules, "--exclude=*", *_shell(rsh), _dir(empty),
+            dest.rstrip("/") + "/"]
+
+
 def _exclude_args(excludes: Sequence[str]) -> list[str]:
     return [f"--exclude={pattern}" for pattern in excludes]
 

@@ -22,6 +22,7 @@ PACKAGES = {
     "umount": "mount",
     "fusermount3": "fuse3",
     "squashfuse_ll": "squashfuse",
+    "rclone": "rclone",
 }
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]

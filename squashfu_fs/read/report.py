@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from squashfu_fs.store import layers as layers_mod
+from squashfu_fs.store.history import History
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import WEEKDAYS, ViewTable
 from squashfu_fs.util.units import human
@@ -16,6 +18,11 @@ def rows(root: Path) -> dict[str, Any]:
     """The report as data: one row per layer, oldest first, and the totals."""
     with opened_root(root, "list", write=False) as opened:
         layout, history = opened.layout, opened.history
+    return rows_of(str(root), history, lambda name: _size(layout.seed(name)))
+
+
+def rows_of(root: str, history: History, seed_size: Callable[[str], int]) -> dict[str, Any]:
+    """The report of ``history`` (a local root's, or an rclone copy's); ``seed_size`` measures the seed image."""
     table = ViewTable.from_history(history)
     shown = {spec.top: name for name, spec in table.dated.items()}
     layers: list[dict[str, Any]] = []
@@ -23,7 +30,7 @@ def rows(root: Path) -> dict[str, Any]:
         seed = history.seed
         layers.append({
             "layer": "seed", "file": seed.file, "time": seed.time, "weekday": WEEKDAYS[seed.when.weekday()],
-            "view": shown.get(None), "bytes": _size(layout.seed(seed.file)), "files": seed.files,
+            "view": shown.get(None), "bytes": seed_size(seed.file), "files": seed.files,
             "absorbed": list(seed.absorbed), "created": seed.created,
         })
     for b in history.bins:
@@ -38,7 +45,7 @@ def rows(root: Path) -> dict[str, Any]:
     seed_bytes = layers[0]["bytes"] if history.seed is not None else 0
     bins_bytes = sum(row["bytes"] for row in layers[1 if history.seed is not None else 0:])
     return {
-        "root": str(root), "generation": history.generation, "layers": layers,
+        "root": root, "generation": history.generation, "layers": layers,
         "totals": {"seed": seed_bytes, "incrementals": bins_bytes, "all": seed_bytes + bins_bytes,
                    "bins": len(history.bins)},
     }
@@ -53,7 +60,11 @@ def _size(path: Path) -> int:
 
 def list_report(root: Path, *, as_json: bool = False) -> str:
     """Render the report for a terminal, or as JSON."""
-    data = rows(root)
+    return render(rows(root), root, as_json=as_json)
+
+
+def render(data: dict[str, Any], root: object, *, as_json: bool = False) -> str:
+    """The report's rows for a terminal, or as JSON."""
     if as_json:  # the keys every --json result object starts with (docs/operations.md)
         return json.dumps({"command": "list", "status": "ok", "exit_status": 0, **data}, indent=2) + "\n"
     if not data["layers"]:

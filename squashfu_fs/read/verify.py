@@ -36,8 +36,8 @@ from typing import Any
 
 from squashfu_fs.engines.unsquashfs import Check
 from squashfu_fs.errors import ConfigError, MetricsError, SquashfuError, exit_status
+from squashfu_fs.store import copies, layers, usage
 from squashfu_fs.store import digests as digest_lists
-from squashfu_fs.store import layers, usage
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import CONFIG_NAME, HISTORY_NAME, RootLayout
 from squashfu_fs.store.opening import OpenedRoot, opened_root
@@ -516,6 +516,8 @@ def _record_metrics(opened: OpenedRoot, status: int, seconds: float) -> None:
     verify checks the history without the config, so a config it cannot read
     costs the metrics (one line says so), not the verification.
     """
+    if copies.mark_of(opened.history) is not None:
+        return  # a copy's config is its original's: its metrics_file is the original's (docs/commands.md, "sync")
     try:
         config = opened.config
     except ConfigError as exc:

@@ -6,7 +6,8 @@ write roll-back records) loads and checks ``squashfu.toml``, takes the writer
 lock, loads ``history.json`` and recovers from whatever an interrupted command
 left (docs/crash-safety.md, "Recovery" and "The lock"). A reader (list, mount,
 the view names of diff and restore) loads history without the lock and
-changes nothing; it reads the config only if it asks for it.
+changes nothing; it reads the config only if it asks for it. A copy made by
+``sync`` refuses backup and resquash (:mod:`squashfu_fs.store.copies`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from squashfu_fs.errors import UsageError
 from squashfu_fs.store import config as config_mod
+from squashfu_fs.store import copies, recovery
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store import recovery
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
@@ -63,6 +64,7 @@ def opened_root(root: Path, command: str, *, write: bool,
         return
     with writer_lock(layout.lock, command):
         history = _load_history(layout)
+        copies.refuse_writes(root, history, command)  # a copy changes only by `sync` (docs/operations.md)
         recovered = recovery.recover(layout, history)
         for line in recovered:
             say(verbose, f"recovered: {line}")

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,44 @@ def wait_for(root: Path, generation: int, timeout: float = 3.0, unused: Iterable
         if (not late and not in_use(root, generation, wanted)[0]) or time.monotonic() >= deadline:
             return late
         time.sleep(0.05)
+
+
+Publish = Callable[[int, Iterable[int], Iterable[str]], None]
+
+
+@contextmanager
+def claimed(root: Path, kind: str) -> Iterator[Publish]:
+    """A reader that is not a daemon (``sync``) claims the layers it reads, exactly as a daemon publishes them.
+
+    It starts as "history not loaded yet" (generation -1), which makes every
+    writer keep every bin it would delete; the block then publishes
+    (generation, bins, seed files) once it has read history. Writers see it
+    through :func:`in_use` like any daemon. The claim lives in
+    ``STATE_ROOT/KIND-PID`` and is removed when the block ends; one a killed
+    process left names a dead process, counts for nothing, and the next claim
+    of that kind removes it.
+    """
+    home = state_root()
+    if home.is_dir():
+        for old in home.glob(f"{kind}-*"):
+            try:
+                record = json.loads((old / SEEN).read_text())
+                dead = not alive(int(record["pid"]), record.get("start"))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being made right now, or not ours to judge
+            if dead and old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+    state = home / f"{kind}-{os.getpid()}"
+    make_state_dir(state)
+    try:
+        acknowledge(state, root, -1)
+
+        def publish(generation: int, bins: Iterable[int], seeds: Iterable[str]) -> None:
+            acknowledge(state, root, generation, bins, seeds)
+
+        yield publish
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _state_dirs() -> list[Path]:
