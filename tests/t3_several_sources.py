@@ -148,6 +148,11 @@ def test_every_day_holds_each_source_under_its_own_path(scratch: Path,
     for day in days:
         got = within(rollback_snapshot(root, day, mp), srcs, parents)
         assert not differences(expected[day], got), f"{day}: {differences(expected[day], got)}"
+    # and through the time-travel filesystem
+    with fuse_mounted(root, scratch / "fs") as fs:
+        for day in days:
+            got = within(snapshot(os.fsencode(fs / day)), srcs, parents)
+            assert not differences(expected[day], got), f"{day} through FUSE: {differences(expected[day], got)}"
     # restore one source of one day, by its path in the view
     day = days[-2]
     out = scratch / "restored"
