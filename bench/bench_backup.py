@@ -51,7 +51,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
-def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
+def timed_backup(argv: list[str], env: dict[str, str], marks: tuple[str, ...] = ()) -> tuple[float, dict[str, float]]:
     """Run a verbose ``squashfu backup``: its whole time, and its phases from the lines it says.
 
     stderr is read as it is written (``say`` flushes each line), so each line
@@ -59,7 +59,7 @@ def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str,
     into bin": start-up, lock, recovery, the source walk and the manifest),
     ``copy`` (to "committed bin": rsync straight into the bin, or through a
     union of the layers on a full night, repairs, the commit), ``sealing``
-    ("sealing bin" to "sealed bin").
+    ("sealing bin" to "sealed bin"); each of ``marks`` when squashfu said it.
     """
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -69,7 +69,7 @@ def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str,
     for line in proc.stderr:
         now = time.perf_counter() - start
         lines.append(line)
-        for key in ("backing up into bin", "committed bin", "sealing bin", "sealed bin"):
+        for key in ("backing up into bin", "committed bin", "sealing bin", "sealed bin", *marks):
             if f"squashfu: {key} " in line and (key == "sealed bin" or key not in stamps):
                 stamps[key] = now  # the first bin sealed to the last one, when an older root seals several
     if proc.wait() != 0:
@@ -78,7 +78,8 @@ def timed_backup(argv: list[str], env: dict[str, str]) -> tuple[float, dict[str,
     total = time.perf_counter() - start
     walked = stamps.get("backing up into bin", 0.0)
     phases = {"walk": walked, "copy": stamps.get("committed bin", walked) - walked,
-              "sealing": stamps.get("sealed bin", 0.0) - stamps.get("sealing bin", 0.0)}
+              "sealing": stamps.get("sealed bin", 0.0) - stamps.get("sealing bin", 0.0),
+              **{mark: stamps.get(mark, 0.0) for mark in marks}}
     return total, phases
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 BENCHMARKS = [
     ["bench_backup.py"],
     ["bench_backup.py", "--full"],
+    ["bench_remote.py"],
     ["bench_fuse.py"],
     ["bench_verify.py"],
     ["bench_entry.py"],

@@ -101,3 +101,42 @@ def test_rsh_is_written_only_when_it_is_not_ssh(tmp_path: Path) -> None:
     assert "rsh" not in plain.to_toml()
     (tmp_path / config.CONFIG_NAME).write_text(config.Config(source="/src", rsh="ssh -p 2222").to_toml())
     assert config.load(tmp_path).rsh == "ssh -p 2222"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("host::module/path", "HOST::MODULE names an rsync daemon"),
+    ("backup@host::module", "HOST::MODULE names an rsync daemon"),
+    ("rsync://host/module", r"rsync daemons \(rsync://\) are not supported"),
+    ("host:relative/path", "the remote path must be absolute"),
+    ("host:", "the remote path must be absolute"),
+    ("-oProxyCommand=sh:/x", r"an absolute path or \[USER@\]HOST:/PATH"),  # ssh would take it as an option
+    ("-l@host:/x", r"an absolute path or \[USER@\]HOST:/PATH"),
+    ("user@-host:/x", r"an absolute path or \[USER@\]HOST:/PATH"),
+    ("relative/dir", r"an absolute path or \[USER@\]HOST:/PATH"),
+    ("ho st:/x", r"an absolute path or \[USER@\]HOST:/PATH"),
+    ("", r"an absolute path or \[USER@\]HOST:/PATH"),
+])
+def test_a_source_is_a_local_absolute_path_or_a_remote_absolute_one(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        config.Config(source=text)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, host, path, arg", [
+    ("/srv/data", None, "/srv/data", "/srv/data/"),
+    ("/srv/a:b", None, "/srv/a:b", "/srv/a:b/"),
+    ("web1:/srv/www", "web1", "/srv/www", "web1:/srv/www/"),
+    ("backup@db.example.org:/var/lib/", "backup@db.example.org", "/var/lib/", "backup@db.example.org:/var/lib/"),
+    ("root@[fe80::1%eth0]:/etc", "root@[fe80::1%eth0]", "/etc", "root@[fe80::1%eth0]:/etc/"),
+    ("10.0.0.7:/a b\nc", "10.0.0.7", "/a b\nc", "10.0.0.7:/a b\nc/"),
+])
+def test_a_source_is_parsed_once(text: str, host: str | None, path: str, arg: str) -> None:
+    source = config.Config(source=text).origin
+    assert (source.host, source.path, source.rsync_arg, source.remote) == (host, path, arg, host is not None)
+    assert config.Source.absolute(text) == text
+
+
+def test_a_relative_local_source_on_the_command_line_is_made_absolute() -> None:
+    import os
+    assert config.Source.absolute("data/x:y") == os.path.abspath("data/x:y")
+    assert config.Source.absolute("host:rel") == "host:rel"  # remote: refused by Config, never a file name

@@ -35,6 +35,7 @@ OK = 0
 PARTIAL = 23  # some files could not be read or written: commit, exit 3
 VANISHED = 24  # source files vanished while being copied: a warning only
 ACCEPTABLE = (OK, PARTIAL, VANISHED)
+SSH_FAILED = 255  # the remote shell could not connect, or the connection broke
 
 
 @dataclass(frozen=True)
@@ -47,29 +48,85 @@ class RsyncResult:
     created: int
     deleted: int
     errors: tuple[str, ...]  # rsync's own complaints, one per line
+    entries: int = 0  # "Number of files" of --stats: what the source holds below its top, as rsync listed it
+    made_devices: tuple[bytes, ...] = ()  # devices rsync created (only with ``itemize``), relative to the target
 
     @property
     def partial(self) -> bool:
         return self.status == PARTIAL
 
 
-def backup_args(source: Path, target: Path, excludes: Sequence[str], *, dry_run: bool = False,
-                selection: Sequence[bytes] = ()) -> list[str | bytes]:
+def backup_args(source: Path | str, target: Path, excludes: Sequence[str], *, dry_run: bool = False,
+                rsh: str | None = None, itemize: bool = False, selection: Sequence[bytes] = ()) -> list[str | bytes]:
     """The rsync command that mirrors ``source`` into the union at ``target``.
 
-    With a ``selection`` (several sources, relative to ``source``) only those
-    subtrees are mirrored, each under its own path: ``--relative`` with
-    ``SOURCE/./etc``, so excludes stay anchored at ``source`` and the
-    directories above each one come with their attributes; ``--delete`` acts
-    only inside the selected subtrees.
+    ``source`` is a local directory, or with ``rsh`` (the command line rsync's
+    ``-e`` runs) a remote ``[USER@]HOST:PATH``, whose rsync runs as the ssh user.
+    ``itemize`` names every created item on stdout, so :func:`run` can tell which
+    devices came from the source. With a ``selection`` (several local sources,
+    relative to ``source``) only those subtrees are mirrored, each under its
+    own path: ``--relative`` with ``SOURCE/./etc``, so excludes stay anchored
+    at ``source`` and the directories above each one come with their
+    attributes; ``--delete`` acts only inside the selected subtrees.
     """
-    args: list[str | bytes] = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_exclude_args(excludes)]
+    args: list[str | bytes] = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_rsh_args(rsh),
+                               *_exclude_args(excludes)]
     if dry_run:
         args += ["--dry-run", "--itemize-changes", "--out-format=%i %n%L"]
+    elif itemize:
+        args += [ITEMIZE]
     if selection:
         top = os.fsencode(source).rstrip(b"/")
         return [*args, "--relative", *(top + b"/./" + rel for rel in selection), _dir(target)]
     return [*args, _dir(source), _dir(target)]
+
+
+# One line per item rsync changes: its itemize code, then the name (rsync escapes odd bytes as \#ooo).
+ITEMIZE = "--out-format=>item %i %n"
+_MADE_DEVICE = re.compile(rb"^>item cD\S* (.*)$", re.MULTILINE)
+
+
+def list_top_args(source: str, rsh: str | None) -> list[str]:
+    """The rsync command that lists the source's top directory only: is it there, is it a directory, is it empty."""
+    return [require("rsync"), "--list-only", "--dirs", "--numeric-ids", *_rsh_args(rsh), _dir(source)]
+
+
+def top_entries(listing: bytes) -> int | None:
+    """How many entries ``--list-only --dirs`` shows below the top, or None when the top is not a directory."""
+    lines = [ln for ln in listing.splitlines() if ln.strip()]
+    top = [ln for ln in lines if ln.split(None, 4)[4:] == [b"."]]
+    if not top or not top[0].startswith(b"d"):
+        return None
+    return len(lines) - 1
+
+
+def list_top(source: str, rsh: str | None) -> int | None:
+    """List the source's top directory: how many entries it holds, or None when it is not a directory.
+
+    Cheap (one directory, no data): a remote source is looked at this way
+    before anything is written, so an unreachable host or a missing path fails
+    with rsync's or ssh's own reason in one line.
+    """
+    proc = subprocess.run(list_top_args(source, rsh), stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise ExternalCommandError(f"cannot read the source {source}: {_reason(proc.stderr)}", proc.returncode)
+    return top_entries(proc.stdout)
+
+
+def _reason(stderr: bytes) -> str:
+    """The line of rsync's stderr that says why: ssh's own complaint first, then rsync's first one."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    for line in lines:
+        if not line.startswith("rsync"):
+            return line  # ssh's: "connect to host ...", "Permission denied", "Could not resolve hostname"
+    for line in lines:
+        if line.startswith("rsync:") and "connection unexpectedly closed" not in line:
+            return line.removeprefix("rsync: ").removeprefix("[sender] ")
+    return lines[-1] if lines else "no message"
+
+
+def _rsh_args(rsh: str | None) -> list[str]:
+    return ["-e", rsh] if rsh is not None else []
 
 
 def changed_args(source: Path, target: Path, excludes: Sequence[str], files_from: Path, *,
@@ -155,7 +212,7 @@ def _exclude_args(excludes: Sequence[str]) -> list[str]:
     return [f"--exclude={pattern}" for pattern in excludes]
 
 
-def _dir(path: Path) -> str:
+def _dir(path: Path | str) -> str:
     return os.fspath(path).rstrip("/") + "/"
 
 
@@ -194,6 +251,8 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
     errors = tuple(ln for ln in complaints.splitlines() if ln.startswith("rsync"))
     if status not in ACCEPTABLE:
         detail = errors[-1] if errors else f"see {log}" if log else "no message"
+        if status == SSH_FAILED:  # ssh (or the -e command) failed: its own line says why, rsync's does not
+            detail = _reason(complaints.encode())
         raise ExternalCommandError(f"rsync failed (exit {status}): {detail}", status)
     return RsyncResult(
         status=status,
@@ -202,7 +261,14 @@ def run(args: Sequence[str | bytes], *, log: Path | None = None, progress: bool 
         created=_stat(out, rb"Number of created files: ([\d,]+)"),
         deleted=_stat(out, rb"Number of deleted files: ([\d,]+)"),
         errors=errors,
+        entries=max(_stat(out, rb"Number of files: ([\d,]+)") - 1, 0),  # rsync counts the top directory too
+        made_devices=tuple(_unescape(m.group(1)) for m in _MADE_DEVICE.finditer(out)),
     )
+
+
+def _unescape(name: bytes) -> bytes:
+    """rsync prints bytes it cannot show as ``\\#ooo``."""
+    return re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), name)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

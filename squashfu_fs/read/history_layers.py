@@ -209,7 +209,7 @@ def opened_history(root: Path, command: str, choose: Callable[[ViewTable], ViewS
     """
     require_root(command)
     with opened_root(root, command, write=False) as opened:
-        relative = b"" if path is None else source_path(path, opened.config.source)
+        relative = b"" if path is None else source_path(path, opened.config.origin.path)
         choose(ViewTable.from_history(opened.history))
     with private_view(root, command, choose, verbose=verbose) as view:
         layout, history = view.layout, view.history

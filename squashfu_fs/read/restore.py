@@ -40,7 +40,9 @@ def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bo
     if b".." in relative.split(b"/"):
         raise UsageError(f"{path!r} must be a path inside the backup")
     target = Path(os.path.abspath(target))
-    guard = _Guard([("the backup root", root), *(("the source", Path(p)) for p in config.source_paths)])
+    # a remote source is another machine's: nothing here to protect from the restore
+    local = [] if config.origin.remote else [("the source", Path(p)) for p in config.source_paths]
+    guard = _Guard([("the backup root", root), *local])
     with contextlib.ExitStack() as fds:
         top, missing = _nearest_directory(target)
         fds.callback(os.close, top)

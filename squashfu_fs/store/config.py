@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import tomllib
 from collections.abc import Sequence
@@ -29,6 +30,68 @@ HOOKS = ("before_backup", "after_backup", "on_error")
 DEFAULT_HOOK_TIMEOUT = 600  # seconds: room for a database dump, not for a hook that hangs all night
 MAX_HOOK_TIMEOUT = 86400
 DEFAULT_RSH = "ssh"
+# rsync's single-colon remote syntax, [USER@]HOST:PATH; HOST is a name, an IPv4 address or [IPv6].
+# Neither part may start with "-": ssh would read it as an option.
+_REMOTE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
+                     r"(?P<host>[A-Za-z0-9_.][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])"
+                     r":(?P<path>.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a root's source is: a local absolute path, or ``[USER@]HOST:/PATH`` pulled with rsync over ssh.
+
+    Parsed in this one place, so the rest of the code asks "is it remote?"
+    once (docs/operations.md, "Remote sources").
+    """
+
+    path: str  # the absolute path, on this machine or on ``host``
+    host: str | None = None  # ``HOST`` or ``USER@HOST`` for a remote source
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+    @property
+    def rsync_arg(self) -> str:
+        """What rsync takes to copy the source's contents: ``PATH/`` or ``HOST:PATH/``."""
+        contents = self.path.rstrip("/") + "/"
+        return f"{self.host}:{contents}" if self.host is not None else contents
+
+    @staticmethod
+    def absolute(text: str) -> str:
+        """A command line's ``--source`` made absolute if it is local.
+
+        rsync's rule: a colon before any slash makes it remote.
+        """
+        head = text.split(":", 1)[0]
+        if (":" in text and "/" not in head) or text.startswith("rsync://"):
+            return text  # remote (or refused by parse), never taken as a file name here
+        return os.path.abspath(text)
+
+    @classmethod
+    def parse(cls, text: object) -> Source:
+        """A local absolute path, or rsync's ``[USER@]HOST:/ABSOLUTE/PATH``; anything else is a ConfigError."""
+        if not isinstance(text, str):
+            raise ConfigError(f"source must be a string, not {text!r}")
+        if "\0" in text:
+            raise ConfigError("source must not contain a NUL character")
+        if text.startswith("/"):
+            return cls(path=text)
+        if text.startswith("rsync://"):
+            raise ConfigError(f"source {text!r}: rsync daemons (rsync://) are not supported; "
+                              "use [USER@]HOST:/PATH, pulled over ssh")
+        match = _REMOTE.fullmatch(text)
+        if match is None:
+            raise ConfigError(f"source must be an absolute path or [USER@]HOST:/PATH, not {text!r}")
+        host = text[:match.start("path") - 1]
+        path = match.group("path")
+        if path.startswith(":"):
+            raise ConfigError(f"source {text!r}: HOST::MODULE names an rsync daemon, which is not supported; "
+                              "use [USER@]HOST:/PATH, pulled over ssh")
+        if not path.startswith("/"):
+            raise ConfigError(f"source {text!r}: the remote path must be absolute ([USER@]HOST:/PATH)")
+        return cls(path=path, host=host)
 
 
 @dataclass(frozen=True)
@@ -54,12 +117,7 @@ class Config:
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
-        if not isinstance(self.source, str):
-            raise ConfigError(f"source must be a string, not {self.source!r}")
-        if not self.source or not os.path.isabs(self.source):
-            raise ConfigError(f"source must be an absolute path, not {self.source!r}")
-        if "\0" in self.source:
-            raise ConfigError("source must not contain a NUL character")
+        Source.parse(self.source)
         _check_sources(self.source, self.sources)
         if not isinstance(self.excludes, tuple) or not all(isinstance(e, str) for e in self.excludes):
             raise ConfigError("excludes must be a list of strings")
@@ -113,6 +171,11 @@ class Config:
             raise ConfigError(
                 f"min_bins ({self.min_bins}) must be smaller than max_bins ({self.max_bins})"
             )
+
+    @property
+    def origin(self) -> Source:
+        """The source parsed: local or remote, its path and host."""
+        return Source.parse(self.source)
 
     @property
     def several(self) -> bool:

@@ -52,13 +52,15 @@ from squashfu_fs.write.seed import SeedContents, commit_seed
 from squashfu_fs.write.source import (
     check_source,
     own_mounts_below,
+    probe_remote,
+    refuse_empty,
     refuse_missing_sources,
     source_excludes,
     source_opened,
     source_states,
     walk_source,
 )
-from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, stage_tree
+from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, second_pass, stage_tree
 
 
 @dataclasses.dataclass
@@ -184,13 +186,15 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
         if not dry_run:  # a dry run commits nothing, so no hook runs around it and no metric changes
             run.hooks = Hooks(root, config, log_file)
             run.metrics_file = config.metrics_file
+        if config.origin.remote:
+            return  # looked at over ssh once the lock is held and before_backup has run (probe_remote)
         refuse_missing_sources(config, "nothing was backed up")
         for source in config.source_paths:  # the root may have been moved since init
             placement.refuse_root_inside_source(root, Path(source))
 
     with opened_root(root, "backup", write=True, verbose=verbose, check=refuse_source) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
-        own = own_mounts_below(Path(config.source), config.selection)
+        own = [] if config.origin.remote else own_mounts_below(Path(config.source), config.selection)
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
@@ -313,25 +317,31 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     start = time.monotonic()
     say(verbose, "first backup: copying the source into the staging layer")
     excludes = source_excludes(config)
-    with source_opened(config.source) as source_fd:
-        walked = walk_source(source_fd, excludes, log_file, verbose)
-        states = source_states(source_fd, config, walked)
+    remote = config.origin.remote
+    with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
+        walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
+        states = None if source_fd is None or walked is None else source_states(source_fd, config, walked)
+        if remote:
+            probe_remote(None, config.source, config.rsh, allow=True)
         try:
-            result = stage_tree(layout, Path(config.source), config.excludes, progress=progress, log=log_file,
+            source, rsh = _rsync_source(config)
+            result = stage_tree(layout, source, config.excludes, progress=progress, log=log_file, rsh=rsh,
                                 selection=config.selection)
-            if config.several:  # rsync --relative leaves the top alone: give it "/"'s attributes, as every bin
-                result = _copy_top(source_fd, layout.staging, result, log_file)
-            copied = _copied_entries(source_fd, layout.staging, walked, None, excludes, result,
-                                     remove=_remove_from_union)
+            if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
+                result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
+            copied = None if source_fd is None or walked is None else _copied_entries(
+                source_fd, layout.staging, walked, None, excludes, result, remove=_remove_from_union)
         except BaseException:
             recovery.remove(layout.staging)
             raise
-    scan = scan_layer(layout.staging, source=Path(config.source))
+    scan = scan_layer(layout.staging, source=None if remote else Path(config.source),
+                      made_devices=result.made_devices)
     faults.checkpoint("after-rsync")
     say(verbose, f"compressing the seed with {config.compression}")
     contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
-                            escaped_xattrs=scan.escaped_xattrs, source_device=walked.device,
-                            source_fsid=walked.fsid, source_entries=walked.count, sources=states)
+                            escaped_xattrs=scan.escaped_xattrs, source_device=walked.device if walked else None,
+                            source_fsid=walked.fsid if walked else None,
+                            source_entries=walked.count if walked else result.entries, sources=states)
     history = commit_seed(layout, history, config, contextlib.nullcontext(layout.staging), contents=contents,
                           started=start, progress=progress, checkpoint="after-commit")
     if copied is not None and scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
@@ -389,12 +399,19 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     number = history.next_bin
     partial = layout.partial_bin(number)
     excludes = source_excludes(config)
-    with source_opened(config.source) as source_fd:
-        walked = walk_source(source_fd, excludes, log_file, verbose)
-        states = source_states(source_fd, config, walked)
-        moved_fs = check_source(history, config.source, walked, allow_source_change, states)
-        plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
-                                                                                     walked)
+    remote = config.origin.remote
+    states = None
+    with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
+        walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
+        if walked is None:  # a remote source: no walk, no manifest; rsync compares the whole tree every night
+            probe_remote(history, config.source, config.rsh, allow_source_change)
+            plan = None
+        else:
+            assert source_fd is not None
+            states = source_states(source_fd, config, walked)
+            moved_fs = check_source(history, config.source, walked, allow_source_change, states)
+            plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
+                                                                                         walked)
         straight = plan is not None and not plan.recheck
         say(verbose, f"backing up into bin {number}" + (
             f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
@@ -403,14 +420,16 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
         partial.mkdir()
         try:
             if straight:
-                assert plan is not None
+                assert plan is not None and source_fd is not None and walked is not None
                 result, copied, deleted = _write_into_bin(layout, config, plan, number, source_fd, walked,
                                                           progress=progress, verbose=verbose, log_file=log_file)
             else:
                 result, copied, deleted = _write_through_union(layout, history, config, plan, number, source_fd,
                                                                walked, progress=progress, verbose=verbose,
                                                                log_file=log_file)
-            if plan is not None or config.several:
+            if walked is None:  # the listing before may be older than the copy: rsync's own count decides
+                refuse_empty(history, config.source, result.entries, allow_source_change)
+            if (plan is not None or config.several) and source_fd is not None:
                 # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
                 # view's top
                 result = _copy_top(source_fd, partial, result, log_file)
@@ -418,7 +437,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
     faults.checkpoint("after-rsync")
-    scan = scan_layer(partial, source=Path(config.source))
+    scan = scan_layer(partial, source=None if remote else Path(config.source), made_devices=result.made_devices)
     record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
     kept_open = not config.seal or bool(scan.acl_paths)  # stays a directory: list its files' digests
     listed = list_digests(layout, partial, number) if kept_open else None
@@ -430,8 +449,9 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     new = Bin(number=number, time=when.isoformat(timespec="seconds"),
               duration=round(time.monotonic() - start, 3), bytes=scan.size, files=scan.files,
               rsync_status=result.status, escaped_xattrs=scan.escaped_xattrs,
-              compare="full" if plan is None else "manifest", source_device=walked.device,
-              source_fsid=walked.fsid, source_entries=walked.count, digest=listed, acls=bool(scan.acl_paths),
+              compare="full" if plan is None else "manifest", source_device=walked.device if walked else None,
+              source_fsid=walked.fsid if walked else None,
+              source_entries=walked.count if walked else result.entries, digest=listed, acls=bool(scan.acl_paths),
               sources=states)
     history = history.with_bin(new)
     history_mod.save(layout.history, history)
@@ -482,12 +502,15 @@ def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, n
 
 
 def _write_through_union(layout: RootLayout, history: History, config: Config, plan: changes.Changes | None,
-                         number: int, source_fd: int, walked: changes.Scan, *, progress: bool, verbose: bool,
-                         log_file: Path) -> tuple[rsync.RsyncResult, changes.Entries | None, int]:
+                         number: int, source_fd: int | None, walked: changes.Scan | None, *, progress: bool,
+                         verbose: bool, log_file: Path) -> tuple[rsync.RsyncResult, changes.Entries | None, int]:
     """rsync into a union of every committed layer under the new bin: a full compare, or a manifest to re-check.
 
     Returns rsync's result, the manifest entries to record, and how many
     entries the night deleted (0 when rsync's own ``--delete`` counted them).
+    A remote source (``source_fd`` None) is always a full compare, and its
+    repairs are a second rsync pass (write/union.second_pass), since
+    squashfu cannot read the source itself.
     """
     assert history.seed is not None
     partial = layout.partial_bin(number)
@@ -496,11 +519,18 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
             beneath.opened_root(layout.rw) as union_fd:
         deleted = 0
         if plan is None:
-            args = rsync.backup_args(Path(config.source), layout.rw, config.excludes, selection=config.selection)
+            source, rsh = _rsync_source(config)
+            args = rsync.backup_args(source, layout.rw, config.excludes, rsh=rsh, itemize=rsh is not None,
+                                     selection=config.selection)
         else:
+            assert walked is not None
             args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
         result = rsync.run(args, log=log_file, progress=progress, label="backup")
         (layout.work / f"changed-{number}").unlink(missing_ok=True)
+        if source_fd is None or walked is None:
+            # ACLs overlayfs would not set on a lower layer's file: copy those files up, the second pass sets them
+            unionfix.copy_up(union_fd, unionfix.acl_failures(result.errors))
+            return second_pass(args, result, log=log_file, verbose=verbose), None, deleted
         result = _repair_acls(source_fd, union_fd, result, verbose)
         fix_union(source_fd, union_fd, os.fsencode(partial), verbose, config.selection)
         copied = _copied_entries(source_fd, layout.rw, walked, plan, source_excludes(config), result,
@@ -626,12 +656,22 @@ def fix_union(source: int, union: int, upper: bytes, verbose: bool, selection: t
 
 def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
     """Say what tonight's backup would change, against a read-only union; commit nothing."""
-    source = Path(config.source)
+    source, rsh = _rsync_source(config)
+    if rsh is not None:
+        probe_remote(None, config.source, rsh, allow=True)  # unreachable or missing: one line, not rsync's noise
     if history.seed is None:
         say(True, "no backup yet: the first backup would copy everything below")
-        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True, selection=config.selection),
-                  echo_items=True)
+        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True, rsh=rsh,
+                                    selection=config.selection), echo_items=True)
         return
     with committed_view(layout, history) as view:
-        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True, selection=config.selection),
+        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True, rsh=rsh, selection=config.selection),
                   echo_items=True)
+
+
+def _rsync_source(config: Config) -> tuple[Path | str, str | None]:
+    """What rsync copies from, and the ``-e`` command line that reaches it (None for a local source)."""
+    origin = config.origin
+    if origin.remote:
+        return origin.rsync_arg, config.rsh
+    return Path(config.source), None

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from squashfu_fs import overlay as layerstack
+from squashfu_fs.engines import rsync
 from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import UsageError
 from squashfu_fs.store import history as history_mod
@@ -26,11 +27,15 @@ from squashfu_fs.write.source import refuse_missing_sources
 def init_root(root: Path, config: Config) -> None:
     """Create a backup root for ``config.source`` (or each of several sources); refuse anything doubtful."""
     require_root("init")
-    if not config.several and not Path(config.source).is_dir():
-        raise UsageError(f"source {config.source} is not a directory")
-    refuse_missing_sources(config, "nothing was created")
-    for source in config.source_paths:
-        placement.refuse_root_inside_source(root, Path(source))
+    if config.origin.remote:  # reachable, and a directory: a typo fails now, not at the first night
+        if rsync.list_top(config.source, config.rsh) is None:
+            raise UsageError(f"source {config.source} is not a directory")
+    else:
+        if not config.several and not Path(config.source).is_dir():
+            raise UsageError(f"source {config.source} is not a directory")
+        refuse_missing_sources(config, "nothing was created")
+        for source in config.source_paths:
+            placement.refuse_root_inside_source(root, Path(source))
     placement.refuse_volatile_root(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not an empty directory")

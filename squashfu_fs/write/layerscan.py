@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +41,16 @@ class LayerScan:
     shrunk: tuple[str, ...] = ()  # several sources: each one left with under half its entries, described
 
 
-def scan_layer(top: Path, *, source: Path) -> LayerScan:
+def scan_layer(top: Path, *, source: Path | None, made_devices: Collection[bytes] = ()) -> LayerScan:
     """Count a layer's entries and find what needs special handling later.
 
     The layer is squashfu's own (inside the private root); the source is only
     looked at beneath its fd, following no symlink, to tell a source's own
-    0:0 devices from overlay's whiteouts.
+    0:0 devices from overlay's whiteouts. A remote source (``source`` None)
+    is not looked at: its 0:0 devices are those rsync said it created
+    (``made_devices``), since a deletion's whiteout is not one of them.
     """
+    made = frozenset(made_devices)
     files = 0
     used = 0
     escaped = False
@@ -80,6 +84,10 @@ def scan_layer(top: Path, *, source: Path) -> LayerScan:
                     files += 1
                     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                         relative = os.path.relpath(entry.path, top_b)
+                        if source is None:
+                            if relative in made:
+                                devices.append(relative)
+                            continue
                         try:
                             if source_fd is None:
                                 source_fd = opened.enter_context(beneath.opened_root(source, follow=True))

@@ -62,7 +62,7 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     absorbed_bins = [history.bin(n) for n in absorb]
     escaped = old_seed.escaped_xattrs or any(b.escaped_xattrs for b in absorbed_bins)
     acl_paths = sorted({p for b in absorbed_bins if not layers.sealed(b)  # a sealed bin holds no ACL
-                        for p in scan_layer(layout.bin(b.number), source=Path(config.source)).acl_paths})
+                        for p in scan_layer(layout.bin(b.number), source=None).acl_paths})
     newest = absorbed_bins[-1]
     contents = SeedContents(time=newest.time, rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
                             source_device=newest.source_device, source_fsid=newest.source_fsid,

@@ -44,7 +44,7 @@ def seal_all(layout: RootLayout, history: History, config: Config, *, verbose: b
     for entry in unsealed(history):
         acls = entry.acls
         if acls is None:
-            acls = bool(scan_layer(layout.bin(entry.number), source=Path(config.source)).acl_paths)
+            acls = bool(scan_layer(layout.bin(entry.number), source=None).acl_paths)
         if not acls:
             history = seal_bin(layout, history, config, entry.number, verbose=verbose)
         elif entry.acls is None or entry.digest is None:

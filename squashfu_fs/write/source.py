@@ -4,7 +4,9 @@ Every look at the source after the walk is relative to the fd opened here,
 following no symlink (docs/security.md). A source that is suddenly empty or
 on another filesystem than at the last backup is refused rather than
 committed as "everything deleted" (docs/commands.md "backup"), and
-squashfu's own mounts inside the source are left out of it.
+squashfu's own mounts inside the source are left out of it. A remote
+source cannot be walked: it is listed over ssh before a backup
+(:func:`probe_remote`) and counted by rsync's own stats after it.
 
 A root with several sources opens "/" and walks only the sources and the
 directories above them; each source is checked on its own, so one disk that
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from squashfu_fs.engines import mounts
+from squashfu_fs.engines import mounts, rsync
 from squashfu_fs.errors import SourceChangedError, SquashfuError, UsageError
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History, SourceState
@@ -182,13 +184,42 @@ def _refuse(source: str, device: int, fsid: int, count: int, last_device: int, l
     moved = device != last_device and not (fsid and fsid == last_fsid)
     if allow:
         return moved
-    override = "if that is intended, run `squashfu backup --allow-source-change` once"
     if count == 0 and (last_entries or 0) > 0:
         raise SourceChangedError(f"the source {source} is empty, but had {last_entries} entries at the last "
-                                 f"backup (is its disk mounted?); nothing was backed up; {override}")
+                                 f"backup (is its disk mounted?); nothing was backed up; {OVERRIDE}")
     if moved:
         raise SourceChangedError(
             f"the source {source} is on another filesystem (device {os.major(device)}:"
             f"{os.minor(device)}) than at the last backup ({os.major(last_device)}:"
-            f"{os.minor(last_device)}; is its disk mounted?); nothing was backed up; {override}")
+            f"{os.minor(last_device)}; is its disk mounted?); nothing was backed up; {OVERRIDE}")
     return False
+
+
+OVERRIDE = "if that is intended, run `squashfu backup --allow-source-change` once"
+
+
+def refuse_empty(history: History, source: str, count: int, allow: bool) -> None:
+    """Refuse a source with no entries when the last backup had some: a disk that did not come up.
+
+    ``count`` is what the source holds below its top: the walk's for a local
+    source, the top directory's listing or rsync's "Number of files" for a
+    remote one, which squashfu cannot walk.
+    """
+    last = history.bins[-1] if history.bins else history.seed
+    if allow or last is None or count != 0 or not last.source_entries:
+        return
+    raise SourceChangedError(f"the source {source} is empty, but had {last.source_entries} entries at the last "
+                             f"backup (is its disk mounted?); nothing was backed up; {OVERRIDE}")
+
+
+def probe_remote(history: History | None, source: str, rsh: str, allow: bool) -> None:
+    """Before anything is written: is the remote source reachable, a directory, and not suddenly empty?
+
+    One listing of its top directory over ssh; an unreachable host or a
+    missing path is one line and exit status 1 (docs/operations.md, "Remote sources").
+    """
+    entries = rsync.list_top(source, rsh)
+    if entries is None:
+        raise SquashfuError(f"the source {source} is not a directory; nothing was backed up")
+    if history is not None:
+        refuse_empty(history, source, entries, allow)

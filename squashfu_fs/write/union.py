@@ -9,6 +9,7 @@ its mounts down (docs/layout.md, "A bin: an overlayfs upper layer").
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from squashfu_fs.store import layers, recovery
 from squashfu_fs.store.history import Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import beneath
+from squashfu_fs.util.say import say
 from squashfu_fs.write import unionfix
 
 
@@ -61,12 +63,15 @@ def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
         yield layout.rw
 
 
-def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | list[str], *,
-               progress: bool, log: Path | None, selection: tuple[bytes, ...] = ()) -> rsync.RsyncResult:
+def stage_tree(layout: RootLayout, source: Path | str, excludes: tuple[str, ...] | list[str], *,
+               progress: bool, log: Path | None, rsh: str | None = None,
+               selection: tuple[bytes, ...] = ()) -> rsync.RsyncResult:
     """rsync ``source`` into ``.staging`` through an overlay with an empty lower layer.
 
     Going through overlayfs makes the staging tree a proper upper layer: a
     source's own ``trusted.overlay.*`` xattrs are stored escaped, as in bins.
+    With ``rsh``, ``source`` is remote (``[USER@]HOST:PATH``): there is no
+    source to read directory times from, so a second pass puts them back.
     With a ``selection`` (several sources) only those subtrees of ``source``
     are copied, each under its own path (``engines/rsync.backup_args``).
     """
@@ -74,11 +79,32 @@ def stage_tree(layout: RootLayout, source: Path, excludes: tuple[str, ...] | lis
     layout.staging.mkdir()
     with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
                        upper=os.path.relpath(layout.staging, layout.root), work=layout.work / "staging"):
-        result = rsync.run(rsync.backup_args(source, layout.rw, excludes, selection=selection), log=log,
-                           progress=progress, label="backup")
+        args = rsync.backup_args(source, layout.rw, excludes, rsh=rsh, itemize=rsh is not None, selection=selection)
+        result = rsync.run(args, log=log, progress=progress, label="backup")
+        if rsh is not None:
+            return second_pass(args, result, log=log)
         with beneath.opened_root(source, follow=True) as source_fd, beneath.opened_root(layout.rw) as union_fd:
             unionfix.restore_dir_times(source_fd, union_fd, os.fsencode(layout.staging))
         return result
+
+
+def second_pass(args: Sequence[str | bytes], first: rsync.RsyncResult, *, log: Path | None,
+                verbose: bool = False) -> rsync.RsyncResult:
+    """rsync a remote source into the same union again: what the local repairs do by reading the source.
+
+    A full compare through the union can split a hard-link group whose
+    version lives in a lower layer, and hard links made at the end of a run
+    bump their directories' times (write/unionfix.py). A second run sees the
+    copied-up name as the group's inode, links the other names to it and sets
+    every directory's time again; it transfers no data that the first did
+    not (docs/benchmarks.md, "Remote sources"). What it could not read is
+    what the layer misses, so its status and complaints are the night's.
+    """
+    say(verbose, "second rsync pass over the union: hard links, directory times and ACLs as the source has them")
+    again = rsync.run(args, log=log, label="backup")
+    return dataclasses.replace(first, status=again.status, errors=again.errors,
+                               deleted=first.deleted + again.deleted,
+                               made_devices=first.made_devices + again.made_devices)
 
 
 @contextmanager

@@ -182,6 +182,24 @@ def restore_acls(source: int, union: int, paths: set[bytes]) -> set[bytes]:
     return failed
 
 
+def copy_up(union: int, paths: set[bytes]) -> None:
+    """Copy each path's current version up into the new bin (a chown to its own owner), beneath the union's fd.
+
+    For a remote source, whose ACLs squashfu cannot read: once the file is in
+    the bin, the second rsync pass can set its ACL (see :func:`restore_acls`).
+    A symlink, or a path that is not there without following one, is left alone.
+    """
+    for rel in paths:
+        try:
+            with beneath.parent_of(union, rel) as (parent, name):
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NOT_BELOW:
+                raise
+
+
 def _rsync_unescape(name: str) -> bytes:
     """rsync prints bytes it cannot show as ``\\#ooo``."""
     raw = name.encode("utf-8", "surrogateescape")
