@@ -53,6 +53,24 @@ def test_exclude_patterns_prune_exactly_what_rsync_skips(tree: bytes, patterns: 
     assert we_see(tree, patterns) == rsync_sees(tree, patterns)
 
 
+SELECTIONS = [(b"d/e", b"home/u"), (b"cache", b"x/y"), (b"home/u/docs", b"d")]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("patterns", [[], ["*.tmp"], ["/home/u/docs/"], ["/d/e/cache"], ["cache/"], ["z/w.log"]])
+def test_several_sources_walk_exactly_what_rsync_relative_sends(tree: bytes, selection: tuple[bytes, ...],
+                                                                  patterns: list[str]) -> None:
+    """Several sources: the walk from the top sees what ``rsync -R TOP/./SRC...`` sends, implied parents included."""
+    out = subprocess.run(["rsync", "-a", "--list-only", "--relative", *[f"--exclude={p}" for p in patterns],
+                          *[tree + b"/./" + rel for rel in selection], tree + b"/never-written/"],  # with a
+                         capture_output=True, check=True).stdout  # destination, every other argument is a source
+    unescape = lambda name: re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), name)  # noqa: E731
+    rsync_sends = {unescape(line.split(None, 4)[4]) for line in out.splitlines()} - {b"."}
+    walked = set(changes.walk(tree, Excludes(patterns, selection)).entries) - {b"."}
+    assert walked == rsync_sends
+    assert not any(path.startswith((b"proc", b"lost+found")) for path in walked)  # nothing else was entered
+
+
 @pytest.mark.parametrize("pattern", ["+ keep", "- drop", "!", "a\\*b", "[unclosed", "/", "a/***/b"])
 def test_unfamiliar_syntax_turns_the_fast_path_off(pattern: str) -> None:
     assert not Excludes([pattern]).understood

@@ -57,19 +57,27 @@ class RsyncResult:
 
 
 def backup_args(source: Path | str, target: Path, excludes: Sequence[str], *, dry_run: bool = False,
-                rsh: str | None = None, itemize: bool = False) -> list[str]:
+                rsh: str | None = None, itemize: bool = False, selection: Sequence[bytes] = ()) -> list[str | bytes]:
     """The rsync command that mirrors ``source`` into the union at ``target``.
 
     ``source`` is a local directory, or with ``rsh`` (the command line rsync's
     ``-e`` runs) a remote ``[USER@]HOST:PATH``, whose rsync runs as the ssh user.
     ``itemize`` names every created item on stdout, so :func:`run` can tell which
-    devices came from the source.
+    devices came from the source. With a ``selection`` (several local sources,
+    relative to ``source``) only those subtrees are mirrored, each under its
+    own path: ``--relative`` with ``SOURCE/./etc``, so excludes stay anchored
+    at ``source`` and the directories above each one come with their
+    attributes; ``--delete`` acts only inside the selected subtrees.
     """
-    args = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_rsh_args(rsh), *_exclude_args(excludes)]
+    args: list[str | bytes] = [require("rsync"), *PRESERVE, *MIRROR, "--stats", *_rsh_args(rsh),
+                               *_exclude_args(excludes)]
     if dry_run:
         args += ["--dry-run", "--itemize-changes", "--out-format=%i %n%L"]
     elif itemize:
         args += [ITEMIZE]
+    if selection:
+        top = os.fsencode(source).rstrip(b"/")
+        return [*args, "--relative", *(top + b"/./" + rel for rel in selection), _dir(target)]
     return [*args, _dir(source), _dir(target)]
 
 

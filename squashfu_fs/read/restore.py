@@ -41,7 +41,7 @@ def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bo
         raise UsageError(f"{path!r} must be a path inside the backup")
     target = Path(os.path.abspath(target))
     # a remote source is another machine's: nothing here to protect from the restore
-    local = [] if config.origin.remote else [("the source", Path(config.source))]
+    local = [] if config.origin.remote else [("the source", Path(p)) for p in config.source_paths]
     guard = _Guard([("the backup root", root), *local])
     with contextlib.ExitStack() as fds:
         top, missing = _nearest_directory(target)

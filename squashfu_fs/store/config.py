@@ -1,4 +1,4 @@
-"""``squashfu.toml``: the source, excludes, compression and retention of a root."""
+"""``squashfu.toml``: the source (or sources), excludes, compression and retention of a root."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class Source:
 class Config:
     """The settings of one backup root, validated on construction."""
 
-    source: str
+    source: str  # the one source; with several, "/": the top they are walked and rsynced from
     excludes: tuple[str, ...] = ()
     compression: str = "zstd"
     compression_level: int | None = field(default=None)
@@ -110,10 +111,14 @@ class Config:
     hook_timeout: int = DEFAULT_HOOK_TIMEOUT
     metrics_file: str | None = None  # a Prometheus textfile-collector file, rewritten after backup and verify
     rsh: str = DEFAULT_RSH  # how rsync reaches another host: a remote source, a sync over ssh (docs/operations.md)
+    # Several sources in one root (docs/operations.md, "Several sources"): each appears in every view under
+    # its own absolute path, as with rsync --relative; empty for a root with one source.
+    sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
         Source.parse(self.source)
+        _check_sources(self.source, self.sources)
         if not isinstance(self.excludes, tuple) or not all(isinstance(e, str) for e in self.excludes):
             raise ConfigError("excludes must be a list of strings")
         for pattern in self.excludes:
@@ -173,6 +178,21 @@ class Config:
         return Source.parse(self.source)
 
     @property
+    def several(self) -> bool:
+        """Whether the root backs up several sources, each under its own path."""
+        return bool(self.sources)
+
+    @property
+    def source_paths(self) -> tuple[str, ...]:
+        """Every directory backed up, as the administrator named them."""
+        return self.sources or (self.source,)
+
+    @property
+    def selection(self) -> tuple[bytes, ...]:
+        """The sources relative to ``source`` (the top, "/"), as rsync ``-R`` and the walk take them; empty for one."""
+        return tuple(os.fsencode(path).lstrip(b"/") for path in self.sources)
+
+    @property
     def level(self) -> int | None:
         """The compression level to pass to mksquashfs, if the compressor takes one."""
         if self.compression_level is not None:
@@ -183,7 +203,8 @@ class Config:
         """Render the config; strings use JSON escapes, which TOML accepts."""
         lines = [
             "# squashfu backup root: see `squashfu --help` and docs/commands.md",
-            f"source = {json.dumps(self.source)}",
+            f"source = {json.dumps(self.source)}" if not self.sources else
+            f"source = [{', '.join(json.dumps(s) for s in self.sources)}]",
             f"excludes = [{', '.join(json.dumps(e) for e in self.excludes)}]",
             f"compression = {json.dumps(self.compression)}",
         ]
@@ -205,6 +226,43 @@ class Config:
 
 _KNOWN = {"source", "excludes", "compression", "compression_level", "max_bins", "min_bins", "seal", *HOOKS,
           "hook_timeout", "metrics_file", "rsh"}
+
+
+def source_settings(paths: Sequence[str]) -> dict[str, Any]:
+    """The ``source`` and ``sources`` fields of a :class:`Config` for the directories ``paths`` (``init``)."""
+    if len(paths) == 1:
+        return {"source": paths[0]}
+    return {"source": "/", "sources": tuple(paths)}
+
+
+def _check_sources(source: str, sources: object) -> None:
+    """Several sources: absolute, written plainly, none "/", none inside another; each refusal one line."""
+    if not isinstance(sources, tuple) or not all(isinstance(s, str) for s in sources):
+        raise ConfigError(f"source must be a string or a list of strings, not {sources!r}")
+    if not sources:
+        return
+    if len(sources) < 2:
+        raise ConfigError("a list of sources needs at least two; give one source as a string")
+    if source != "/":
+        raise ConfigError(f"several sources are walked from \"/\", not from {source!r}")
+    for path in sources:
+        if "\0" in path:
+            raise ConfigError("source must not contain a NUL character")
+        if not os.path.isabs(path):
+            raise ConfigError(f"each of several sources must be a local absolute path, not {path!r}")
+        if path == "/" or os.path.normpath(path) == "/":
+            raise ConfigError("\"/\" holds every other source: back it up alone, or name the directories")
+        if os.path.normpath(path) != path or path.startswith("//"):
+            raise ConfigError(f"source {path!r} must be written plainly, as {os.path.normpath(path)!r}")
+    seen: set[str] = set()
+    for path in sources:
+        if path in seen:
+            raise ConfigError(f"source {path} is given twice")
+        seen.add(path)
+    for path in sources:
+        for other in sources:
+            if other != path and other.startswith(path + "/"):
+                raise ConfigError(f"source {other} is inside source {path}; give only {path}")
 
 
 def _check_rsh(value: object) -> None:
@@ -247,7 +305,7 @@ def load(root: Path) -> Config:
         raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
     try:
         return Config(
-            source=_typed(data, "source", str, path),
+            **_source_setting(data),
             excludes=tuple(_typed(data, "excludes", list, path, [])),
             compression=_typed(data, "compression", str, path, "zstd"),
             compression_level=_typed(data, "compression_level", int, path, None),
@@ -266,6 +324,18 @@ def load(root: Path) -> Config:
 
 
 _MISSING = object()
+
+
+def _source_setting(data: dict[str, Any]) -> dict[str, Any]:
+    """``source``: a string for one source (as every root before several sources), a list for several."""
+    if "source" not in data:
+        raise ConfigError("missing setting 'source'")
+    value = data["source"]
+    if isinstance(value, str):
+        return {"source": value}
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"source must be a string or a list of strings, not {value!r}")
+    return source_settings(value)
 
 
 def _typed(data: dict[str, Any], key: str, kind: type, path: Path, default: Any = _MISSING) -> Any:

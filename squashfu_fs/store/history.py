@@ -23,6 +23,20 @@ SEALED_FORMAT = "sealed"  # bins/N.sfs, the same layer compressed into a SquashF
 
 
 @dataclass(frozen=True)
+class SourceState:
+    """One of several sources as a backup saw it: what tells a disk that did not come up (docs/layout.md)."""
+
+    path: str  # the source as the config names it
+    device: int  # st_dev of its top directory
+    fsid: int  # statfs f_fsid of its filesystem
+    entries: int  # entries below its top directory
+
+
+def _states(data: Any) -> tuple[SourceState, ...] | None:
+    return None if data is None else tuple(SourceState(**s) for s in data)
+
+
+@dataclass(frozen=True)
 class Seed:
     """The compressed base image and the backups it absorbed."""
 
@@ -41,6 +55,9 @@ class Seed:
     source_fsid: int | None = None  # statfs f_fsid of its filesystem
     source_entries: int | None = None  # entries below the top directory
     digest: str | None = None  # "sha256:HEX" of the image, taken as it was written (None before digests)
+    # A root with several sources: each one as this backup saw it (the fields above then describe "/");
+    # None, and not written at all, for one source.
+    sources: tuple[SourceState, ...] | None = None
 
     @property
     def when(self) -> datetime:
@@ -68,6 +85,7 @@ class Bin:
     image_bytes: int | None = None
     digest: str | None = None
     acls: bool | None = None  # holds POSIX ACLs, so it stays a directory (None: not known yet)
+    sources: tuple[SourceState, ...] | None = None  # several sources: each as this backup saw it; see Seed
 
     @property
     def when(self) -> datetime:
@@ -124,7 +142,7 @@ class History:
             "generation": self.generation,
             "next_bin": self.next_bin,
             "seed": None if self.seed is None else _seed_dict(self.seed),
-            "bins": [asdict(b) for b in self.bins],
+            "bins": [_entry_dict(b) for b in self.bins],
         }
         data.update(self.extra)
         return json.dumps(data, indent=2) + "\n"
@@ -138,8 +156,9 @@ class History:
             seed_data = data["seed"]
             seed = None
             if seed_data is not None:
-                seed = Seed(**{**seed_data, "absorbed": tuple(seed_data.get("absorbed", ()))})
-            bins = tuple(Bin(**b) for b in data["bins"])
+                seed = Seed(**{**seed_data, "absorbed": tuple(seed_data.get("absorbed", ())),
+                                  "sources": _states(seed_data.get("sources"))})
+            bins = tuple(Bin(**{**b, "sources": _states(b.get("sources"))}) for b in data["bins"])
             _check_names(seed, bins)
             known = {"format", "generation", "next_bin", "seed", "bins"}
             return cls(
@@ -184,8 +203,18 @@ def _count(value: object) -> bool:
 
 
 def _seed_dict(seed: Seed) -> dict[str, Any]:
-    data = asdict(seed)
+    data = _entry_dict(seed)
     data["absorbed"] = list(seed.absorbed)
+    return data
+
+
+def _entry_dict(entry: Seed | Bin) -> dict[str, Any]:
+    """A seed's or bin's fields; ``sources`` only when there are several, so a one-source history reads as before."""
+    data = asdict(entry)
+    if entry.sources is None:
+        del data["sources"]
+    else:
+        data["sources"] = [asdict(s) for s in entry.sources]
     return data
 
 

@@ -270,3 +270,66 @@ def walk(rootfd: int, *, keep: Callable[[bytes, os.stat_result], bool] | None = 
                 failed(rel, exc)
         finally:
             os.close(fd)
+
+
+def walk_within(rootfd: int, selection: tuple[bytes, ...], *,
+                keep: Callable[[bytes, os.stat_result], bool] | None = None,
+                errors: list[tuple[bytes, OSError]] | None = None) -> Iterator[tuple[bytes, os.stat_result]]:
+    """Like :func:`walk`, but only the ``selection`` subtrees and the directories above them.
+
+    That is what ``rsync --relative`` sends for several sources below one top
+    (``srv`` and ``srv/www`` for ``srv/www``): the directories above a
+    selected one are yielded but never listed, so nothing else below the top
+    is even looked at. Every path is resolved without following a symlink; a
+    selected directory is entered only if it is the very one just
+    ``lstat``-ed. An empty selection walks everything, as :func:`walk`.
+    """
+    if not selection:
+        yield from walk(rootfd, keep=keep, errors=errors)
+        return
+
+    def failed(rel: bytes, exc: OSError) -> None:
+        if errors is not None:
+            errors.append((rel, exc))
+
+    seen: set[bytes] = set()
+    for top in sorted(selection):
+        parts = components(top)
+        chain: list[tuple[bytes, os.stat_result]] = []
+        for depth in range(1, len(parts) + 1):
+            rel = b"/".join(parts[:depth])
+            try:
+                st = lstat_beneath(rootfd, rel)
+            except OSError as exc:
+                failed(rel, exc)
+                break
+            if keep is not None and not keep(rel, st):
+                break  # as rsync, which sends nothing of a selected path it excludes, parents included
+            chain.append((rel, st))
+            if not stat.S_ISDIR(st.st_mode):
+                break
+        whole = len(chain) == len(parts) and stat.S_ISDIR(chain[-1][1].st_mode)
+        for rel, st in chain if whole else ():
+            if rel not in seen:
+                seen.add(rel)
+                yield rel, st
+        if not whole:
+            continue
+        st = chain[-1][1]
+        try:
+            fd = open_beneath(rootfd, top)
+        except OSError as exc:
+            failed(top, exc)
+            continue
+        try:
+            if not same_file(os.fstat(fd), st):
+                failed(top, OSError(REPLACED, "replaced while being walked", top))
+                continue
+            below: list[tuple[bytes, OSError]] = []
+            inner = None if keep is None else (lambda rel, st, top=top: keep(top + b"/" + rel, st))
+            for rel, child in walk(fd, keep=inner, errors=below):
+                yield top + b"/" + rel, child
+            for rel, problem in below:
+                failed(top + b"/" + rel if rel else top, problem)
+        finally:
+            os.close(fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import stat
 import time
@@ -35,7 +36,7 @@ from squashfu_fs.errors import (
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, recovery, usage
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History
+from squashfu_fs.store.history import Bin, History, SourceState
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults, metrics
@@ -53,7 +54,10 @@ from squashfu_fs.write.source import (
     own_mounts_below,
     probe_remote,
     refuse_empty,
+    refuse_missing_sources,
+    source_excludes,
     source_opened,
+    source_states,
     walk_source,
 )
 from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, second_pass, stage_tree
@@ -184,14 +188,13 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
             run.metrics_file = config.metrics_file
         if config.origin.remote:
             return  # looked at over ssh once the lock is held and before_backup has run (probe_remote)
-        source = Path(config.source)
-        if not source.is_dir():
-            raise UsageError(f"source {source} is missing or not a directory; nothing was backed up")
-        placement.refuse_root_inside_source(root, source)  # the root may have been moved since init
+        refuse_missing_sources(config, "nothing was backed up")
+        for source in config.source_paths:  # the root may have been moved since init
+            placement.refuse_root_inside_source(root, Path(source))
 
     with opened_root(root, "backup", write=True, verbose=verbose, check=refuse_source) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
-        own = [] if config.origin.remote else own_mounts_below(Path(config.source))
+        own = [] if config.origin.remote else own_mounts_below(Path(config.source), config.selection)
         if own:  # never back up the history into itself
             say(verbose, "leaving out squashfu's own mounts: " + ", ".join(own))
             config = dataclasses.replace(config, excludes=(*config.excludes, *own))
@@ -285,6 +288,8 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
         if mass_deletion:
             log.write(b"squashfu: this backup deletes %d of the %d entries the source had at the backup "
                       b"before\n" % (scan.deleted, scan.entries_before))
+        log.writelines(b"squashfu: this backup leaves the source %s with fewer than half its entries\n"
+                       % os.fsencode(shrunk) for shrunk in scan.shrunk)
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
         say(verbose, f"some source files vanished during the backup; see {log_file}")
     missing = []
@@ -299,6 +304,9 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
     if mass_deletion:
         missing.append(f"it deletes {scan.deleted} of {scan.entries_before} entries of the source "
                        "(more than half): check that the source is what it should be")
+    elif scan.shrunk:
+        missing.append(f"it leaves {', '.join(scan.shrunk)} with fewer than half the entries of the backup "
+                       "before: check that the source is what it should be")
     if missing:
         raise PartialBackupError(f"backup committed, but {'; '.join(missing)}; see {log_file}")
 
@@ -308,15 +316,19 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     """rsync the source into a staging upper layer, then squash exactly that."""
     start = time.monotonic()
     say(verbose, "first backup: copying the source into the staging layer")
-    excludes = Excludes(config.excludes)
+    excludes = source_excludes(config)
     remote = config.origin.remote
     with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
         walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
+        states = None if source_fd is None or walked is None else source_states(source_fd, config, walked)
         if remote:
             probe_remote(None, config.source, config.rsh, allow=True)
         try:
             source, rsh = _rsync_source(config)
-            result = stage_tree(layout, source, config.excludes, progress=progress, log=log_file, rsh=rsh)
+            result = stage_tree(layout, source, config.excludes, progress=progress, log=log_file, rsh=rsh,
+                                selection=config.selection)
+            if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
+                result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
             copied = None if source_fd is None or walked is None else _copied_entries(
                 source_fd, layout.staging, walked, None, excludes, result, remove=_remove_from_union)
         except BaseException:
@@ -329,7 +341,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
                             escaped_xattrs=scan.escaped_xattrs, source_device=walked.device if walked else None,
                             source_fsid=walked.fsid if walked else None,
-                            source_entries=walked.count if walked else result.entries)
+                            source_entries=walked.count if walked else result.entries, sources=states)
     history = commit_seed(layout, history, config, contextlib.nullcontext(layout.staging), contents=contents,
                           started=start, progress=progress, checkpoint="after-commit")
     if copied is not None and scan.acl_paths:  # not in the image: tomorrow's backup must see them as changed
@@ -386,15 +398,18 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     start = time.monotonic()
     number = history.next_bin
     partial = layout.partial_bin(number)
-    excludes = Excludes(config.excludes)
+    excludes = source_excludes(config)
     remote = config.origin.remote
+    states = None
     with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
         walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
         if walked is None:  # a remote source: no walk, no manifest; rsync compares the whole tree every night
             probe_remote(history, config.source, config.rsh, allow_source_change)
             plan = None
         else:
-            moved_fs = check_source(history, config.source, walked, allow_source_change)
+            assert source_fd is not None
+            states = source_states(source_fd, config, walked)
+            moved_fs = check_source(history, config.source, walked, allow_source_change, states)
             plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
                                                                                          walked)
         straight = plan is not None and not plan.recheck
@@ -414,15 +429,10 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                                                                log_file=log_file)
             if walked is None:  # the listing before may be older than the copy: rsync's own count decides
                 refuse_empty(history, config.source, result.entries, allow_source_change)
-            if plan is not None and source_fd is not None:  # rsync saw the top only if it changed, but the
-                with beneath.opened_root(partial) as bin_fd:   # bin's top is every view's top
-                    failed = into_bin.copy_top(source_fd, bin_fd)
-                if failed:  # reported like a file rsync could not copy: committed, exit 3, named in the log
-                    with open(log_file, "a") as log:
-                        log.writelines(f"squashfu: the source's top directory: xattr {f}\n" for f in failed)
-                    result = dataclasses.replace(
-                        result, status=rsync.PARTIAL if result.status in (rsync.OK, rsync.VANISHED) else result.status,
-                        errors=result.errors + tuple(f"xattr of the source's top directory {f}" for f in failed))
+            if (plan is not None or config.several) and source_fd is not None:
+                # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
+                # view's top
+                result = _copy_top(source_fd, partial, result, log_file)
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
@@ -441,15 +451,23 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
               rsync_status=result.status, escaped_xattrs=scan.escaped_xattrs,
               compare="full" if plan is None else "manifest", source_device=walked.device if walked else None,
               source_fsid=walked.fsid if walked else None,
-              source_entries=walked.count if walked else result.entries, digest=listed, acls=bool(scan.acl_paths))
+              source_entries=walked.count if walked else result.entries, digest=listed, acls=bool(scan.acl_paths),
+              sources=states)
     history = history.with_bin(new)
     history_mod.save(layout.history, history)
     faults.checkpoint("after-commit")
     _record_manifest(layout, history, config, copied)
     say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
-                               entries_before=last.source_entries or 0)
+                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states))
     return history, scan, result
+
+
+def _shrunk(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None) -> tuple[str, ...]:
+    """Each of several sources left with fewer than half the entries it had: a mass deletion of that one."""
+    old = {state.path: state.entries for state in before or ()}
+    return tuple(f"{state.path} ({state.entries} of {old[state.path]})" for state in now or ()
+                 if old.get(state.path) and state.entries * 2 < old[state.path])
 
 
 def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, number: int, source_fd: int,
@@ -477,8 +495,8 @@ def _write_into_bin(layout: RootLayout, config: Config, plan: changes.Changes, n
                                        sorted(set(listed) | {p for rel in listed for p in into_bin.parents(rel)}))
         into_bin.mark_opaque(bin_fd, plan.replaced)
         result = _repair_acls(source_fd, bin_fd, result, verbose)
-        fix_union(source_fd, bin_fd, os.fsencode(partial), verbose)
-        copied = _copied_entries(source_fd, partial, walked, plan, Excludes(config.excludes), result,
+        fix_union(source_fd, bin_fd, os.fsencode(partial), verbose, config.selection)
+        copied = _copied_entries(source_fd, partial, walked, plan, source_excludes(config), result,
                                  remove=into_bin.withdraw)
     return result, copied, plan.gone
 
@@ -502,7 +520,8 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
         deleted = 0
         if plan is None:
             source, rsh = _rsync_source(config)
-            args = rsync.backup_args(source, layout.rw, config.excludes, rsh=rsh, itemize=rsh is not None)
+            args = rsync.backup_args(source, layout.rw, config.excludes, rsh=rsh, itemize=rsh is not None,
+                                     selection=config.selection)
         else:
             assert walked is not None
             args, deleted = _apply_deletions_and_list(layout, config, plan, number, union_fd, walked)
@@ -513,8 +532,8 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
             unionfix.copy_up(union_fd, unionfix.acl_failures(result.errors))
             return second_pass(args, result, log=log_file, verbose=verbose), None, deleted
         result = _repair_acls(source_fd, union_fd, result, verbose)
-        fix_union(source_fd, union_fd, os.fsencode(partial), verbose)
-        copied = _copied_entries(source_fd, layout.rw, walked, plan, Excludes(config.excludes), result,
+        fix_union(source_fd, union_fd, os.fsencode(partial), verbose, config.selection)
+        copied = _copied_entries(source_fd, layout.rw, walked, plan, source_excludes(config), result,
                                  remove=_remove_from_union)
     return result, copied, deleted
 
@@ -525,13 +544,13 @@ def _change_plan(layout: RootLayout, history: History, config: Config,
     if not walked.trusted:
         return None
     manifest = changes.load(layout.manifest)
-    if manifest is None or not manifest.valid_for(history.next_bin - 1, config.source, config.excludes):
+    if manifest is None or not manifest.valid_for(history.next_bin - 1, _manifest_source(config), config.excludes):
         return None
     return changes.compare(manifest.entries, walked.entries, walked.dirs)
 
 
 def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.Changes, number: int,
-                              union: int, walked: changes.Scan) -> tuple[list[str], int]:
+                              union: int, walked: changes.Scan) -> tuple[list[str | bytes], int]:
     """Delete what is gone through the union (whiteouts), and list the rest for rsync.
 
     Every deletion is resolved beneath the union's fd without following a
@@ -558,7 +577,7 @@ def _apply_deletions_and_list(layout: RootLayout, config: Config, plan: changes.
                 deleted += 1
     listing = layout.work / f"changed-{number}"
     listing.write_bytes(b"".join(rel + b"\0" for rel in plan.changed))
-    return rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing), deleted
+    return [*rsync.changed_args(Path(config.source), layout.rw, config.excludes, listing)], deleted
 
 
 def _below_a_non_directory(top: int, rel: bytes) -> bool:
@@ -589,7 +608,26 @@ def _record_manifest(layout: RootLayout, history: History, config: Config, entri
     if entries is None:
         layout.manifest.unlink(missing_ok=True)  # tomorrow compares the whole tree again
         return
-    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, config.source, config.excludes, entries))
+    changes.save(layout.manifest, changes.Manifest(history.next_bin - 1, _manifest_source(config), config.excludes,
+                                                   entries))
+
+
+def _manifest_source(config: Config) -> str:
+    """What a manifest is valid for: the source, or with several sources all of them (as JSON)."""
+    return json.dumps(list(config.sources)) if config.several else config.source
+
+
+def _copy_top(source_fd: int, top: Path, result: rsync.RsyncResult, log_file: Path) -> rsync.RsyncResult:
+    """Give the layer's top the source top's attributes; an xattr it cannot hold is reported as rsync would."""
+    with beneath.opened_root(top) as top_fd:
+        failed = into_bin.copy_top(source_fd, top_fd)
+    if not failed:
+        return result
+    with open(log_file, "a") as log:  # reported like a file rsync could not copy: committed, exit 3, in the log
+        log.writelines(f"squashfu: the source's top directory: xattr {f}\n" for f in failed)
+    return dataclasses.replace(
+        result, status=rsync.PARTIAL if result.status in (rsync.OK, rsync.VANISHED) else result.status,
+        errors=result.errors + tuple(f"xattr of the source's top directory {f}" for f in failed))
 
 
 def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bool) -> rsync.RsyncResult:
@@ -605,9 +643,12 @@ def _repair_acls(source: int, union: int, result: rsync.RsyncResult, verbose: bo
     return dataclasses.replace(result, status=rsync.OK, errors=())
 
 
-def fix_union(source: int, union: int, upper: bytes, verbose: bool) -> None:
-    """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative)."""
-    relinked = unionfix.repair(source, union, upper)
+def fix_union(source: int, union: int, upper: bytes, verbose: bool, selection: tuple[bytes, ...] = ()) -> None:
+    """Undo what writing through overlayfs got wrong: split hard links, directory times (all fd-relative).
+
+    With several sources (``selection``), a hard link's other names are looked for only inside them.
+    """
+    relinked = unionfix.repair(source, union, upper, selection)
     if relinked:
         say(verbose, f"re-joined {relinked} hard link(s) split by copy-up")
     unionfix.restore_dir_times(source, union, upper)
@@ -620,10 +661,12 @@ def _dry_run(layout: RootLayout, history: History, config: Config) -> None:
         probe_remote(None, config.source, rsh, allow=True)  # unreachable or missing: one line, not rsync's noise
     if history.seed is None:
         say(True, "no backup yet: the first backup would copy everything below")
-        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True, rsh=rsh), echo_items=True)
+        rsync.run(rsync.backup_args(source, layout.empty, config.excludes, dry_run=True, rsh=rsh,
+                                    selection=config.selection), echo_items=True)
         return
     with committed_view(layout, history) as view:
-        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True, rsh=rsh), echo_items=True)
+        rsync.run(rsync.backup_args(source, view, config.excludes, dry_run=True, rsh=rsh, selection=config.selection),
+                  echo_items=True)
 
 
 def _rsync_source(config: Config) -> tuple[Path | str, str | None]:

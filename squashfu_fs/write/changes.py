@@ -104,6 +104,9 @@ def walk(source: bytes, excludes: Excludes) -> Scan:
 def walk_fd(top: int, excludes: Excludes) -> Scan:
     """Walk the source open on ``top`` without following any symlink, pruning excluded paths.
 
+    With several sources ``top`` is "/" and only ``excludes.selection`` (and
+    the directories above it) is walked.
+
     Nothing raises for the tree's sake: a path deleted while walked is left
     out (a deletion, like rsync's "vanished"), a directory swapped while
     walked is recorded as :data:`UNKNOWN`, and what cannot be read (another
@@ -121,7 +124,7 @@ def walk_fd(top: int, excludes: Excludes) -> Scan:
     def keep(rel: bytes, st: os.stat_result) -> bool:
         return not excludes.excluded(rel, stat.S_ISDIR(st.st_mode))
 
-    for rel, st in beneath.walk(top, keep=keep, errors=errors):
+    for rel, st in beneath.walk_within(top, excludes.selection, keep=keep, errors=errors):
         entries[rel] = signature(st)
         if stat.S_ISDIR(st.st_mode):
             dirs.add(rel)

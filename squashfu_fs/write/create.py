@@ -21,19 +21,21 @@ from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import durable
+from squashfu_fs.write.source import refuse_missing_sources
 
 
 def init_root(root: Path, config: Config) -> None:
-    """Create a backup root for ``config.source``; refuse anything doubtful."""
+    """Create a backup root for ``config.source`` (or each of several sources); refuse anything doubtful."""
     require_root("init")
     if config.origin.remote:  # reachable, and a directory: a typo fails now, not at the first night
         if rsync.list_top(config.source, config.rsh) is None:
             raise UsageError(f"source {config.source} is not a directory")
     else:
-        source = Path(config.source)
-        if not source.is_dir():
-            raise UsageError(f"source {source} is not a directory")
-        placement.refuse_root_inside_source(root, source)
+        if not config.several and not Path(config.source).is_dir():
+            raise UsageError(f"source {config.source} is not a directory")
+        refuse_missing_sources(config, "nothing was created")
+        for source in config.source_paths:
+            placement.refuse_root_inside_source(root, Path(source))
     placement.refuse_volatile_root(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not an empty directory")

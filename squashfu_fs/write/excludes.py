@@ -6,6 +6,10 @@ only), a trailing ``/***`` (a directory and everything in it) and patterns
 with inner slashes (matched at any directory boundary). Anything else sets
 :attr:`Excludes.understood` to False, and the backup falls back to letting
 rsync compare the whole tree, which is always correct.
+
+With several sources the patterns apply below the top "/" that rsync
+``--relative`` transfers from: ``/etc/shadow`` is anchored there, as rsync
+matches it (docs/operations.md, "Several sources").
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ class _Rule:
 class Excludes:
     """A list of rsync ``--exclude`` patterns, as a predicate on relative paths."""
 
-    def __init__(self, patterns: tuple[str, ...] | list[str]) -> None:
+    def __init__(self, patterns: tuple[str, ...] | list[str], selection: tuple[bytes, ...] = ()) -> None:
         self.patterns = tuple(patterns)
+        # Several sources: the subtrees rsync -R is given, relative to the top; the walk enters only
+        # them and the directories above them (util/beneath.walk_within). Empty: the whole top.
+        self.selection = tuple(selection)
         self.understood = True
         self._rules: list[_Rule] = []
         for pattern in self.patterns:

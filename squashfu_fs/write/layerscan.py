@@ -38,6 +38,7 @@ class LayerScan:
     opaque_dirs: tuple[bytes, ...] = ()  # directories overlay marked opaque (trusted.overlay.opaque=y)
     deleted: int = 0  # source entries this backup deletes (contents of a deleted directory included)
     entries_before: int = 0  # source entries at the backup before; 0 when not known
+    shrunk: tuple[str, ...] = ()  # several sources: each one left with under half its entries, described
 
 
 def scan_layer(top: Path, *, source: Path | None, made_devices: Collection[bytes] = ()) -> LayerScan:

@@ -66,7 +66,8 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     newest = absorbed_bins[-1]
     contents = SeedContents(time=newest.time, rsync_status=old_seed.rsync_status, escaped_xattrs=escaped,
                             source_device=newest.source_device, source_fsid=newest.source_fsid,
-                            source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb)
+                            source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb,
+                            sources=newest.sources)
     history = commit_seed(layout, history, config,
                           merged_tree(layout, old_seed, absorbed_bins, restage=escaped, progress=progress),
                           contents=contents, started=start, progress=progress, checkpoint="after-resquash-commit",

@@ -20,7 +20,7 @@ from pathlib import Path
 from squashfu_fs.engines import mksquashfs as squash
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History, Seed
+from squashfu_fs.store.history import Bin, History, Seed, SourceState
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import clock, digest, faults
 from squashfu_fs.util.durable import fsync_dir
@@ -37,6 +37,7 @@ class SeedContents:
     source_fsid: int | None
     source_entries: int | None
     absorbed: tuple[int, ...] = ()  # bin numbers merged into it, oldest first
+    sources: tuple[SourceState, ...] | None = None  # several sources: each as that backup saw it
 
 
 def commit_seed(layout: RootLayout, history: History, config: Config, tree: AbstractContextManager[Path], *,
@@ -60,9 +61,11 @@ def commit_seed(layout: RootLayout, history: History, config: Config, tree: Abst
     os.replace(tmp, image)
     fsync_dir(layout.root)
     faults.checkpoint("seed-written")
+    # Each field as it is (asdict would turn the SourceState objects into dicts)
     seed = Seed(file=name, generation=generation, created=clock.now().isoformat(timespec="seconds"),
                 duration=round(time.monotonic() - started, 3), bytes=image.stat().st_size,
-                files=squash.inode_count(image) - 1, digest=image_digest, **dataclasses.asdict(contents))
+                files=squash.inode_count(image) - 1, digest=image_digest,
+                **{f.name: getattr(contents, f.name) for f in dataclasses.fields(contents)})
     history = history.with_seed(seed, remaining)
     history_mod.save(layout.history, history)
     faults.checkpoint(checkpoint)

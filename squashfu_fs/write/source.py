@@ -7,10 +7,16 @@ committed as "everything deleted" (docs/commands.md "backup"), and
 squashfu's own mounts inside the source are left out of it. A remote
 source cannot be walked: it is listed over ssh before a backup
 (:func:`probe_remote`) and counted by rsync's own stats after it.
+
+A root with several sources opens "/" and walks only the sources and the
+directories above them; each source is checked on its own, so one disk that
+did not come up is refused like a single source's (docs/operations.md,
+"Several sources").
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -19,29 +25,85 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from squashfu_fs.engines import mounts, rsync
-from squashfu_fs.errors import SourceChangedError, SquashfuError
-from squashfu_fs.store.history import History
+from squashfu_fs.errors import SourceChangedError, SquashfuError, UsageError
+from squashfu_fs.store.config import Config
+from squashfu_fs.store.history import History, SourceState
 from squashfu_fs.util import beneath
 from squashfu_fs.util.say import say
 from squashfu_fs.write import changes
 from squashfu_fs.write.excludes import Excludes
 
 
-def own_mounts_below(source: Path) -> list[str]:
+def own_mounts_below(source: Path, selection: tuple[bytes, ...] = ()) -> list[str]:
     """Exclude patterns for the time-travel views and roll-backs mounted inside ``source``.
 
     With ``/`` as the source and the history mounted on ``/backups``, rsync
-    would otherwise copy every day of the history into tonight's bin.
+    would otherwise copy every day of the history into tonight's bin. With a
+    ``selection`` (several sources below ``source``) only mounts inside one
+    of them matter; the patterns are anchored at ``source`` all the same.
     """
     top = os.fsencode(os.path.realpath(source)).rstrip(b"/") + b"/"
+    inside = [top + rel + b"/" for rel in selection] or [top]
     patterns = []
     for entry in mounts.mount_table():
         ours = entry.fstype == "fuse.squashfu" or (
             entry.fstype == "overlay" and "/.rollbacks/" in entry.super_options)
-        if ours and entry.mount_point.startswith(top):
+        if ours and entry.mount_point.startswith(tuple(inside)):
             rel = os.fsdecode(entry.mount_point[len(top):])
             patterns.append("/" + re.sub(r"([*?\[\\])", r"\\\1", rel) + "/")
     return patterns
+
+
+def source_excludes(config: Config) -> Excludes:
+    """The config's exclude patterns, and with several sources the subtrees to walk."""
+    return Excludes(config.excludes, config.selection)
+
+
+def refuse_missing_sources(config: Config, then: str) -> None:
+    """A source that is not a directory now is refused with one line ending in ``then``.
+
+    Several sources are each looked up from "/" without following a symlink,
+    as the walk and rsync ``--relative`` will reach them: one reached through
+    a symlink would be stored as that symlink.
+    """
+    if not config.several:
+        if not Path(config.source).is_dir():
+            raise UsageError(f"source {config.source} is missing or not a directory; {then}")
+        return
+    for path, rel in zip(config.sources, config.selection, strict=True):
+        parts = rel.split(b"/")
+        for pattern in config.excludes:
+            if any(Excludes((pattern,)).excluded(b"/".join(parts[:i]), True) for i in range(1, len(parts) + 1)):
+                raise UsageError(f"the exclude pattern {pattern!r} leaves out the source {path} (or a directory "
+                                 f"above it); remove the pattern or the source; {then}")
+    with beneath.opened_root(config.source) as top:
+        for path, rel in zip(config.sources, config.selection, strict=True):
+            try:
+                os.close(beneath.open_beneath(top, rel))
+            except OSError as exc:
+                raise UsageError(f"source {path} is missing, not a directory or reached through a symlink "
+                                 f"({exc.strerror}); {then}") from None
+
+
+def source_states(top: int, config: Config, walked: changes.Scan) -> tuple[SourceState, ...] | None:
+    """Each of several sources as tonight's walk saw it (None for one source: ``walked`` says it all)."""
+    if not config.several:
+        return None
+    keys = sorted(walked.entries)
+    states = []
+    for path, rel in zip(config.sources, config.selection, strict=True):
+        try:
+            fd = beneath.open_beneath(top, rel)
+        except OSError as exc:  # gone since it was checked: refused as a missing source
+            raise UsageError(f"source {path} is missing, not a directory or reached through a symlink "
+                             f"({exc.strerror}); nothing was backed up") from None
+        try:
+            device, fsid = os.fstat(fd).st_dev, os.fstatvfs(fd).f_fsid
+        finally:
+            os.close(fd)
+        below = bisect.bisect_left(keys, rel + b"0") - bisect.bisect_left(keys, rel + b"/")  # b"0" follows b"/"
+        states.append(SourceState(path=path, device=device, fsid=fsid, entries=below))
+    return tuple(states)
 
 
 @contextmanager
@@ -69,7 +131,8 @@ def walk_source(source_fd: int, excludes: Excludes, log_file: Path, verbose: boo
     return walked
 
 
-def check_source(history: History, source: str, walked: changes.Scan, allow: bool) -> bool:
+def check_source(history: History, source: str, walked: changes.Scan, allow: bool,
+                 states: tuple[SourceState, ...] | None = None) -> bool:
     """Refuse a source that is empty or on another filesystem than at the last backup.
 
     That is what a data disk that did not come up looks like: committed, it
@@ -78,17 +141,57 @@ def check_source(history: History, source: str, walked: changes.Scan, allow: boo
     the whole tree: the manifest's inode numbers belong to the old one).
     """
     last = history.bins[-1] if history.bins else history.seed
-    if last is None or last.source_device is None:
+    if last is None:
+        return False
+    _refuse_another_layout(last.sources, states, last.source_device is not None)
+    if states is not None:  # several sources: each one on its own, "/" above them says nothing
+        before = {state.path: state for state in last.sources or ()}
+        moved_any = False
+        for state in states:
+            if state.path in before:
+                old = before[state.path]
+                moved_any |= _refuse(state.path, state.device, state.fsid, state.entries,
+                                     old.device, old.fsid, old.entries, allow)
+        return moved_any
+    if last.source_device is None:
         return False  # a history written before squashfu recorded this
-    moved = walked.device != last.source_device and not (walked.fsid and walked.fsid == last.source_fsid)
+    return _refuse(source, walked.device, walked.fsid, walked.count, last.source_device, last.source_fsid,
+                   last.source_entries, allow)
+
+
+def _refuse_another_layout(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None,
+                           known: bool) -> None:
+    """A config edited from one source to several (or back), or with a source taken out, is refused.
+
+    Each would leave the old layout's paths in every later day: rsync
+    ``--relative`` deletes only inside the sources it is given. Adding a
+    source is fine: it appears from tonight. See docs/operations.md, "Several sources".
+    """
+    fresh = "start a new root for the new list of sources (docs/operations.md, \"Several sources\")"
+    if now is None and before is not None:
+        raise UsageError(f"this root was made for several sources, and the config now names one; {fresh}")
+    if now is not None and before is None and known:
+        raise UsageError(f"this root was made for one source, and the config now names several; {fresh}")
+    removed = sorted({state.path for state in before or ()} - {state.path for state in now or ()})
+    if removed:
+        raise UsageError(f"source {removed[0]} was taken out of the config; its last state would stay in "
+                         f"every later day; {fresh}")
+
+
+def _refuse(source: str, device: int, fsid: int, count: int, last_device: int, last_fsid: int | None,
+            last_entries: int | None, allow: bool) -> bool:
+    """One source against the last backup: refused when empty or moved, unless ``allow``; whether it moved."""
+    moved = device != last_device and not (fsid and fsid == last_fsid)
     if allow:
         return moved
-    refuse_empty(history, source, walked.count, allow)
+    if count == 0 and (last_entries or 0) > 0:
+        raise SourceChangedError(f"the source {source} is empty, but had {last_entries} entries at the last "
+                                 f"backup (is its disk mounted?); nothing was backed up; {OVERRIDE}")
     if moved:
         raise SourceChangedError(
-            f"the source {source} is on another filesystem (device {os.major(walked.device)}:"
-            f"{os.minor(walked.device)}) than at the last backup ({os.major(last.source_device)}:"
-            f"{os.minor(last.source_device)}; is its disk mounted?); nothing was backed up; {OVERRIDE}")
+            f"the source {source} is on another filesystem (device {os.major(device)}:"
+            f"{os.minor(device)}) than at the last backup ({os.major(last_device)}:"
+            f"{os.minor(last_device)}; is its disk mounted?); nothing was backed up; {OVERRIDE}")
     return False
 
 

@@ -64,19 +64,22 @@ def committed_view(layout: RootLayout, history: History) -> Iterator[Path]:
 
 
 def stage_tree(layout: RootLayout, source: Path | str, excludes: tuple[str, ...] | list[str], *,
-               progress: bool, log: Path | None, rsh: str | None = None) -> rsync.RsyncResult:
+               progress: bool, log: Path | None, rsh: str | None = None,
+               selection: tuple[bytes, ...] = ()) -> rsync.RsyncResult:
     """rsync ``source`` into ``.staging`` through an overlay with an empty lower layer.
 
     Going through overlayfs makes the staging tree a proper upper layer: a
     source's own ``trusted.overlay.*`` xattrs are stored escaped, as in bins.
     With ``rsh``, ``source`` is remote (``[USER@]HOST:PATH``): there is no
     source to read directory times from, so a second pass puts them back.
+    With a ``selection`` (several sources) only those subtrees of ``source``
+    are copied, each under its own path (``engines/rsync.backup_args``).
     """
     recovery.remove(layout.staging)
     layout.staging.mkdir()
     with overlay_union(layout, [os.path.relpath(layout.empty, layout.root)],
                        upper=os.path.relpath(layout.staging, layout.root), work=layout.work / "staging"):
-        args = rsync.backup_args(source, layout.rw, excludes, rsh=rsh, itemize=rsh is not None)
+        args = rsync.backup_args(source, layout.rw, excludes, rsh=rsh, itemize=rsh is not None, selection=selection)
         result = rsync.run(args, log=log, progress=progress, label="backup")
         if rsh is not None:
             return second_pass(args, result, log=log)
@@ -85,7 +88,7 @@ def stage_tree(layout: RootLayout, source: Path | str, excludes: tuple[str, ...]
         return result
 
 
-def second_pass(args: list[str], first: rsync.RsyncResult, *, log: Path | None,
+def second_pass(args: Sequence[str | bytes], first: rsync.RsyncResult, *, log: Path | None,
                 verbose: bool = False) -> rsync.RsyncResult:
     """rsync a remote source into the same union again: what the local repairs do by reading the source.
 

@@ -41,17 +41,17 @@ def split_groups(source: int, upper: bytes) -> dict[Key, bytes]:
     return found
 
 
-def names_in_source(source: int, keys: set[Key]) -> dict[Key, list[bytes]]:
-    """Every name below the source open on ``source`` of the given inodes."""
+def names_in_source(source: int, keys: set[Key], selection: tuple[bytes, ...] = ()) -> dict[Key, list[bytes]]:
+    """Every name below the source open on ``source`` of the given inodes (only inside ``selection``, if any)."""
     names: dict[Key, list[bytes]] = {key: [] for key in keys}
-    for rel, st in beneath.walk(source):
+    for rel, st in beneath.walk_within(source, selection):
         key = (st.st_dev, st.st_ino)
         if key in names and not stat.S_ISDIR(st.st_mode):
             names[key].append(rel)
     return names
 
 
-def repair(source: int, union: int, upper: bytes) -> int:
+def repair(source: int, union: int, upper: bytes, selection: tuple[bytes, ...] = ()) -> int:
     """Link every name of a split group in the union (open on ``union``) to its copied-up leader.
 
     Every name is resolved beneath the union without following a symlink, and
@@ -63,7 +63,7 @@ def repair(source: int, union: int, upper: bytes) -> int:
     if not leaders:
         return 0
     relinked = 0
-    for key, names in names_in_source(source, set(leaders)).items():
+    for key, names in names_in_source(source, set(leaders), selection).items():
         try:
             with beneath.parent_of(union, leaders[key]) as (lparent, lname):
                 lst = os.stat(lname, dir_fd=lparent, follow_symlinks=False)
