@@ -394,9 +394,18 @@ class _LocalDest(_Dest):
     def lock(self) -> None:
         self.stack.enter_context(writer_lock_at(self._dest(), Path(self.where.path, ".lock"), "sync"))
 
-    def readers_root(self) -> Path:
-        """DEST's path now, as the readers' registry and roll-back records name a root (read only)."""
-        return Path(os.readlink(beneath.fd_path(self._dest())))
+    def readers_root(self) -> Path | None:
+        """DEST's path now, as the readers' registry and roll-back records name a root (only read through it).
+
+        None when no path names the open directory any more (removed, or
+        renamed while it was read): then nobody's mounts can be looked up.
+        """
+        path = os.readlink(beneath.fd_path(self._dest()))
+        try:
+            same = beneath.same_file(os.stat(path), os.fstat(self._dest()))
+        except OSError:
+            same = False
+        return Path(path) if same else None
 
     def scan(self) -> dict[str, FileInfo] | None:
         if self.fd is None:
@@ -832,6 +841,8 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
     kept: list[str] = []
     if isinstance(dest, _LocalDest) and doomed:
         root = dest.readers_root()
+        if root is None:  # its mounts cannot be looked up: delete nothing, the next sync will
+            return [], doomed
         numbers = {n for n in map(_bin_number, doomed) if n is not None}
         readers.wait_for(root, history.generation, unused=numbers)
         bins, seeds = readers.in_use(root, history.generation, numbers)
