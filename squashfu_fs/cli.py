@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from squashfu_fs import __version__
-from squashfu_fs.errors import SquashfuError, UsageError, describe
+from squashfu_fs.errors import CopiedCommandsWarning, SquashfuError, UsageError, describe
 from squashfu_fs.util.say import say
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -386,7 +386,12 @@ def sync(root: Path, dest: str, writable: bool, verbose: bool) -> None:
     rclone:REMOTE:PATH; only new layer files are copied, history.json last, then old layers deleted."""
     from squashfu_fs.write.sync import sync as do_sync
 
-    click.echo(do_sync(str(root), dest, writable=writable, verbose=verbose).summary())
+    result = do_sync(str(root), dest, writable=writable, verbose=verbose)
+    click.echo(result.summary())
+    if result.commands:
+        config = f"{os.path.abspath(dest).rstrip('/')}/squashfu.toml"
+        raise CopiedCommandsWarning(f"{config} came with the copy and sets {', '.join(result.commands)}, which run "
+                                    "as root at the next backup: read them before it runs (docs/security.md)")
 
 
 @main.command()

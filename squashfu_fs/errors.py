@@ -59,6 +59,12 @@ class PartialError(SquashfuError):
     exit_code = 3
 
 
+class CopiedCommandsWarning(SquashfuError):
+    """``sync --writable`` committed a root whose config runs commands as root (hooks, ``rsh``): read them first."""
+
+    exit_code = 3
+
+
 class PartialBackupError(PartialError):
     """The backup was committed, but some source files could not be read."""
 

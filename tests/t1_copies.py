@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from squashfu_fs.errors import UsageError
+from squashfu_fs.errors import CorruptRootError, UsageError
 from squashfu_fs.store import copies
 from squashfu_fs.store.history import History
 
@@ -46,3 +47,34 @@ def test_the_copy_mark_survives_history_json_and_refuses_only_history_writers() 
     copies.refuse_writes("/srv/backup", original, "backup")
     assert copies.mark_of(copies.unmarked(copy)) is None
     assert copies.unmarked(copy).to_json() == original.to_json()
+
+
+def _history_json(seed_file: object = "seed.sfs", number: object = 1, **bin_extra: object) -> str:
+    data = {"format": 1, "generation": 2, "next_bin": 2,
+            "seed": {"file": seed_file, "generation": 1, "time": "2026-11-02T02:00:00", "created": "x"},
+            "bins": [{"number": number, "time": "2026-11-03T02:00:00", "duration": 1.0, "bytes": 1, "files": 1,
+                      "rsync_status": 0, **bin_extra}]}
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(("seed_file", "number", "extra"), [
+    ("bins", 1, {}),  # was an internal error: invalid literal for int()
+    ("../other/seed.sfs", 1, {}),  # would be mounted and unlinked outside the root
+    ("/etc/shadow", 1, {}),
+    ("seed.sfs/..", 1, {}),
+    (None, 1, {}),
+    ("seed.sfs", "1/../../x", {}),  # bins/1/../../x
+    ("seed.sfs", -1, {}),
+    ("seed.sfs", True, {}),
+    ("seed.sfs", 1, {"format": ["sealed"]}),
+    ("seed.sfs", 1, {"digest": 5}),
+])
+def test_a_history_naming_files_no_root_has_is_damaged(seed_file: object, number: object,
+                                                       extra: dict[str, object]) -> None:
+    with pytest.raises(CorruptRootError, match=r"^copy/history.json is damaged"):
+        History.from_json(_history_json(seed_file, number, **extra), where="copy/history.json")
+
+
+def test_a_history_with_ordinary_names_is_read() -> None:
+    history = History.from_json(_history_json("seed.3.sfs", 7, format="sealed", digest="sha256:00"))
+    assert history.seed is not None and history.seed.file == "seed.3.sfs" and history.bins[0].number == 7

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .harness import CLI, fuse_mounted, history, one_line, rollback_snapshot, squashfu
+from .harness import CLI, fuse_mounted, history, one_line, rollback_snapshot, rolled_back, squashfu
 from .sshd import Sshd
 from .treegen import snapshot
 
@@ -427,3 +427,107 @@ def test_verify_of_a_copy_leaves_the_originals_metrics_file_alone(nights: tuple[
     squashfu("-r", root, "sync", copy)
     assert _verify(copy)["status"] == "ok"
     assert prom.read_bytes() == before
+
+
+def _stopped_sync(root: Path | str, dest: str, checkpoint: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A sync that has stopped itself (SIGSTOP) at ``checkpoint``; the caller sends SIGCONT."""
+    full = {**os.environ, **env, "SQUASHFU_FAULT": checkpoint, "SQUASHFU_FAULT_ACTION": "stop"}
+    proc = subprocess.Popen([*CLI, "-r", str(root), "sync", dest], env=full, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the sync ended before {checkpoint} (status {status})"
+    return proc
+
+
+def test_two_syncs_to_one_rclone_copy_never_commit_a_stale_history(nights: tuple[Path, Path],
+                                                                    scratch: Path) -> None:
+    src, root = nights
+    config = scratch / "rclone.conf"
+    config.write_text("[offsite]\ntype = local\n\n[again]\ntype = local\n")  # one bucket, two names
+    env = {"RCLONE_CONFIG": str(config)}
+    bucket = scratch / "bucket"
+    remote = f"rclone:offsite:{bucket}"
+    squashfu("-r", root, "sync", remote, env=env)
+    _night(src, root, 3)
+    first = _stopped_sync(root, remote, "sync-prepared", env)  # it has read the copy's history
+    try:
+        proc = squashfu("-r", root, "sync", remote, env=env, expect=1)
+        assert "busy" in one_line(proc)
+        squashfu("-r", root, "resquash")  # seed.sfs and bin 1 absorbed into a new seed
+        squashfu("-r", root, "sync", f"rclone:again:{bucket}", env=env)  # deletes them at the copy
+        committed = (bucket / "history.json").read_bytes()
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == 1, err
+    assert "changed while this sync ran" in err.decode() and len(err.decode().strip().splitlines()) == 1
+    assert (bucket / "history.json").read_bytes() == committed
+    assert _layers_env(remote, env) == _layers(root)
+    report = json.loads(squashfu("-r", remote, "verify", "--json", env=env).stdout)
+    assert report["status"] == "ok"
+
+
+def test_an_rclone_copy_missing_or_damaged_is_not_brought_back(nights: tuple[Path, Path], scratch: Path) -> None:
+    _, root = nights
+    env = _rclone_env(scratch)
+    bucket = scratch / "bucket"
+    remote = f"rclone:offsite:{bucket}"
+    squashfu("-r", root, "sync", remote, env=env)
+    aside = scratch / "1.sfs"
+    (bucket / "bins" / "1.sfs").rename(aside)
+    back = scratch / "back"
+    proc = squashfu("-r", remote, "sync", back, env=env, expect=1)
+    assert "bins/1.sfs" in one_line(proc) and "missing" in one_line(proc)
+    assert not back.exists()  # refused before anything was written
+    aside.rename(bucket / "bins" / "1.sfs")
+    image = bucket / "bins" / "2.sfs"
+    st = image.stat()
+    _flip(image)  # same size, same mtime: only the digest tells
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = squashfu("-r", remote, "sync", back, env=env, expect=1)
+    assert "bins/2.sfs" in one_line(proc) and "digest" in one_line(proc)
+    assert not (back / "history.json").exists() and not (back / "bins" / "2.sfs").exists()
+    assert not any((back / ".work").iterdir())
+
+
+def test_a_rollback_of_a_local_copy_keeps_the_directory_bin_it_stacks(scratch: Path) -> None:
+    src, root = scratch / "src", scratch / "root"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha\n")
+    squashfu("init", root, "--no-seal", "--min-bins", "1", "--source", src)
+    squashfu("-r", root, "backup", now=NIGHTS[0])
+    for n in (1, 2):
+        (src / "docs" / "a.txt").write_text(f"alpha {n}\n")
+        squashfu("-r", root, "backup", now=NIGHTS[n])
+    copy = scratch / "copy"
+    squashfu("-r", root, "sync", copy)
+    with rolled_back(copy, "2026-11-03", scratch / "rb") as mp:  # stacks the directory bins/1 of the copy
+        squashfu("-r", root, "resquash")  # bin 1 goes into the seed at the original
+        out = squashfu("-r", root, "sync", copy).stdout
+        assert "a mount of the copy still reads" in out, out
+        assert (copy / "bins" / "1").is_dir()
+        assert (mp / "docs" / "a.txt").read_text() == "alpha 1\n"
+    out = squashfu("-r", root, "sync", copy).stdout  # unmounted: the next sync removes it
+    assert not (copy / "bins" / "1").exists(), out
+    assert _verify(copy)["status"] == "ok"
+
+
+def test_a_copy_brought_back_writable_names_the_commands_its_config_runs_as_root(nights: tuple[Path, Path],
+                                                                                  scratch: Path) -> None:
+    _, root = nights
+    with open(root / "squashfu.toml", "a") as f:
+        f.write('before_backup = "/usr/local/sbin/dump-db"\nrsh = "ssh -p 2222"\n')
+    env = _rclone_env(scratch)
+    remote = f"rclone:offsite:{scratch / 'bucket'}"
+    squashfu("-r", root, "sync", remote, env=env)
+    back = scratch / "back"
+    proc = squashfu("-r", remote, "sync", back, "--writable", env=env, expect=3)
+    line = one_line(proc)
+    assert "before_backup" in line and "rsh" in line and str(back / "squashfu.toml") in line
+    assert "synced to" in proc.stdout  # committed: a root of its own, the warning is about what runs next
+    assert "copy" not in history(back)
+    assert (back / "squashfu.toml").read_bytes() == (root / "squashfu.toml").read_bytes()
+    squashfu("-r", remote, "sync", scratch / "marked", env=env)  # a marked copy refuses backup: no warning

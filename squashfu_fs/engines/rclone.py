@@ -86,6 +86,15 @@ def copy_to(source: str | Path, destination: str) -> None:
     _run([*_base(), "copyto", "--ignore-times", os.fspath(source), destination], f"rclone copyto {destination}")
 
 
+def cat_into(source: str, fd: int) -> None:
+    """Write the file ``source`` (an rclone path) into the open file ``fd``: rclone is given no local name at all."""
+    proc = subprocess.run([*_base(), "cat", source], stdin=subprocess.DEVNULL, stdout=fd,
+                          stderr=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        raise ExternalCommandError(f"rclone cat {source} failed (exit {proc.returncode}): {complaint(proc.stderr)}",
+                                   proc.returncode)
+
+
 def move_to(source: str, destination: str) -> None:
     """Rename ``source`` to ``destination`` at the same remote (a server-side copy where rename is missing)."""
     _run([*_base(), "moveto", source, destination], f"rclone moveto {destination}")

@@ -44,11 +44,15 @@ def require_root(what: str) -> None:
 
 
 def run(argv: Sequence[Arg], *, what: str | None = None, cwd: Arg | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """Run a command, capturing output; raise a one-line error when it fails."""
+        check: bool = True, pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[bytes]:
+    """Run a command, capturing output; raise a one-line error when it fails.
+
+    ``pass_fds`` stay open in the command, for arguments that name them as ``/proc/self/fd/N``.
+    """
     args = [os.fsdecode(a) if not isinstance(a, bytes) else a for a in argv]
     require(os.fsdecode(args[0]))
-    proc = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    proc = subprocess.run(args, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=False,
+                          pass_fds=tuple(pass_fds))
     if check and proc.returncode != 0:
         raise ExternalCommandError(
             f"{what or os.fsdecode(args[0])} failed (exit {proc.returncode}): {last_line(proc.stderr)}",

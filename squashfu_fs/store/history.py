@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from squashfu_fs.errors import CorruptRootError
+from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util.durable import atomic_write
 
 FORMAT_VERSION = 1
@@ -158,6 +159,7 @@ class History:
                 seed = Seed(**{**seed_data, "absorbed": tuple(seed_data.get("absorbed", ())),
                                   "sources": _states(seed_data.get("sources"))})
             bins = tuple(Bin(**{**b, "sources": _states(b.get("sources"))}) for b in data["bins"])
+            _check_names(seed, bins)
             known = {"format", "generation", "next_bin", "seed", "bins"}
             return cls(
                 seed=seed,
@@ -171,6 +173,33 @@ class History:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptRootError(
                 f"{where} is damaged ({exc.__class__.__name__}: {exc}); refusing to touch the root") from None
+
+
+def _check_names(seed: Seed | None, bins: tuple[Bin, ...]) -> None:
+    """Refuse a history whose names would reach outside the root, or that no squashfu wrote.
+
+    Every file name a root's layers have is derived from history: the seed's
+    ``file`` and each bin's ``number``. A copy's history read from an rclone
+    remote is only as trustworthy as the remote, so a name like
+    ``../other/seed.sfs`` or a number like ``"1/../x"`` is damage, not a path.
+    """
+    if seed is not None:
+        if not isinstance(seed.file, str) or not RootLayout.is_seed_name(seed.file):
+            raise ValueError(f"the seed file {seed.file!r} is not a seed name (seed.sfs, seed.N.sfs)")
+        if not all(_count(n) for n in seed.absorbed):
+            raise ValueError(f"the seed's absorbed bins {list(seed.absorbed)!r} are not bin numbers")
+        if not isinstance(seed.digest, str | None):
+            raise ValueError(f"the seed's digest {seed.digest!r} is not text")
+    for b in bins:
+        if not _count(b.number):
+            raise ValueError(f"bin number {b.number!r} is not a whole number")
+        if not isinstance(b.format, str) or not isinstance(b.digest, str | None):
+            raise ValueError(f"bin {b.number} has a format {b.format!r} or digest {b.digest!r} that is not text")
+
+
+def _count(value: object) -> bool:
+    """A bin number: an int (not a bool) from 0 up."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _seed_dict(seed: Seed) -> dict[str, Any]:

@@ -30,26 +30,41 @@ def writer_lock(lock_path: Path, command: str) -> Iterator[None]:
     """Hold the root's writer lock for the duration of ``command``; the root is private from then on."""
     root_fd = privacy.open_root(lock_path.parent)
     try:
-        try:
-            fd = os.open(lock_path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         0o600, dir_fd=root_fd)
-        except OSError as exc:
-            raise UsageError(f"{lock_path} cannot be the lock ({exc.strerror}); "
-                             "refusing to touch the root") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"{lock_path} is not a regular file; refusing to touch the root")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
-                raise LockedError(f"{lock_path.parent} is busy: {holder} holds {lock_path}") from None
-            privacy.tighten(root_fd)
-            os.ftruncate(fd, 0)
-            since = clock.now().isoformat(timespec="seconds")
-            os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
+        with writer_lock_at(root_fd, lock_path, command):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
     finally:
         os.close(root_fd)
+
+
+@contextmanager
+def writer_lock_at(root_fd: int, lock_path: Path, command: str) -> Iterator[None]:
+    """:func:`writer_lock` in the root open on ``root_fd`` (a sync's local copy); ``lock_path`` only names it.
+
+    The root must be owned by the user that runs squashfu, as
+    :func:`squashfu_fs.store.privacy.open_root` demands of a root opened by path.
+    """
+    owner = os.fstat(root_fd).st_uid
+    if owner != os.geteuid():
+        raise UsageError(f"{lock_path.parent} is owned by uid {owner}, not by uid {os.geteuid()} that runs squashfu; "
+                         f"its owner could steer what is written there (chown {os.geteuid()} {lock_path.parent})")
+    try:
+        fd = os.open(lock_path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600, dir_fd=root_fd)
+    except OSError as exc:
+        raise UsageError(f"{lock_path} cannot be the lock ({exc.strerror}); "
+                         "refusing to touch the root") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{lock_path} is not a regular file; refusing to touch the root")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+            raise LockedError(f"{lock_path.parent} is busy: {holder} holds {lock_path}") from None
+        privacy.tighten(root_fd)
+        os.ftruncate(fd, 0)
+        since = clock.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock

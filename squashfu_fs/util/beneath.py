@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import shutil
 import stat
@@ -197,6 +198,26 @@ def lineage(fd: int) -> list[os.stat_result]:
     finally:
         os.close(current)
     return chain
+
+
+def changeable_by_others(chain: list[os.stat_result]) -> os.stat_result | None:
+    """The first directory of a :func:`lineage` above its start that another user could change, or None.
+
+    Another user than root (and the caller) can rename or replace what is in
+    a directory they own, or one that their group or everyone may write: they
+    could swap the directory below it for a symlink. A sticky directory
+    (``/tmp``) lets others rename only their own entries, so one whose entry
+    below is root's (or the caller's) is safe.
+    """
+    trusted = {0, os.geteuid()}
+    for below, st in itertools.pairwise(chain):
+        if st.st_uid not in trusted:
+            return st
+        mode = st.st_mode
+        others_write = mode & stat.S_IWOTH or (mode & stat.S_IWGRP and st.st_gid != 0)
+        if others_write and not (mode & stat.S_ISVTX and below.st_uid in trusted):
+            return st
+    return None
 
 
 REPLACED = errno.ESTALE  # the errno :func:`walk` reports for a directory swapped while it walked

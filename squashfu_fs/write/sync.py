@@ -20,13 +20,18 @@ daemons still read.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import os
+import pwd
 import re
 import shutil
 import stat
 import tempfile
+import tomllib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,17 +39,16 @@ from pathlib import Path
 from squashfu_fs.engines import rclone
 from squashfu_fs.engines import rsync as rsync_engine
 from squashfu_fs.engines.run import run
-from squashfu_fs.errors import CorruptRootError, ExternalCommandError, UsageError
+from squashfu_fs.errors import CorruptRootError, DamagedRootError, ExternalCommandError, LockedError, UsageError
 from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import copies, layers
+from squashfu_fs.store import copies, layers, rollbacks
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.copies import Location
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import CONFIG_NAME, HISTORY_NAME, RootLayout
-from squashfu_fs.store.lock import writer_lock
+from squashfu_fs.store.lock import writer_lock_at
 from squashfu_fs.store.opening import opened_root
-from squashfu_fs.util import clock, faults
-from squashfu_fs.util.durable import fsync_dir
+from squashfu_fs.util import beneath, clock, digest, faults
 from squashfu_fs.util.say import say
 from squashfu_fs.util.units import human
 
@@ -71,6 +75,7 @@ class SyncResult:
     unchanged: int  # layer files already at the copy
     removed: tuple[str, ...]  # names deleted at the copy after the commit
     kept: tuple[str, ...]  # names a mount of a local copy still reads, left for a later sync
+    commands: tuple[str, ...] = ()  # --writable: the settings of the config brought along that run commands as root
 
     def summary(self) -> str:
         parts = [f"copied {len(self.copied)} layer file(s) ({human(self.copied_bytes)})",
@@ -177,7 +182,7 @@ class _Dest:
     """Where a sync writes: list, read, put (complete, then renamed), delete."""
 
     where: Location
-    local = False
+    stack: ExitStack
 
     def scan(self) -> dict[str, FileInfo] | None:
         """The names at the top and in ``bins/`` (``bins/N``); None when the copy does not exist."""
@@ -185,6 +190,15 @@ class _Dest:
 
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
+
+    def lock(self) -> None:
+        """One sync at a time to this copy, for the whole sync (see :func:`_dest_lock`)."""
+        self.stack.enter_context(_dest_lock(self.where))
+
+    def history_now(self) -> bytes | None:
+        """The copy's ``history.json`` as it is now (None: it has none)."""
+        state = self.scan()
+        return self.read(HISTORY_NAME) if state is not None and HISTORY_NAME in state else None
 
     def prepare(self) -> None:
         """Make the copy's directory and skeleton (0700)."""
@@ -205,14 +219,14 @@ class _Dest:
 
 
 class _RsyncDest(_Dest):
-    """A copy at a local path or at ``[USER@]HOST:PATH``: rsync does every step (over the root's ``rsh``)."""
+    """A copy at ``[USER@]HOST:PATH``: rsync does every step (over the root's ``rsh``)."""
 
-    def __init__(self, where: Location, work: Path, rsh: str | None) -> None:
+    def __init__(self, where: Location, work: Path, rsh: str | None, stack: ExitStack) -> None:
         self.where = where
+        self.stack = stack
         self.base = where.path
         self.work = work
         self.rsh = rsh
-        self.local = where.kind == "local"
 
     def _at(self, rel: str = "") -> str:
         return self.base.rstrip("/") + "/" + rel if rel else self.base
@@ -272,28 +286,10 @@ class _RsyncDest(_Dest):
         return empty
 
     def put(self, source: _Source, rels: list[str]) -> None:
-        if isinstance(source, _RcloneSource):
-            self._put_from_rclone(source, rels)
-            return
-        assert isinstance(source, _LocalSource)
+        assert isinstance(source, _LocalSource), "sync() refuses an rclone source for an ssh copy"
         listed = self.work / "files"
         listed.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in rels))
         self._run(rsync_engine.sync_args(source.layout.root, self.base, listed, rsh=self.rsh), "copying to")
-        if self.local:
-            for parent in {Path(self.base, r).parent for r in rels}:
-                fsync_dir(parent)
-
-    def _put_from_rclone(self, source: _RcloneSource, rels: list[str]) -> None:
-        assert self.local, "sync() refuses an rclone source for an ssh copy"
-        for rel in rels:
-            final = Path(self.base, rel)
-            temp = Path(self.base, ".work", final.name)
-            rclone.copy_to(source.ref(rel), str(temp))
-            os.chmod(temp, 0o600)
-            with open(temp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(temp, final)
-            fsync_dir(final.parent)
 
     def put_small(self, name: str, data: bytes) -> None:
         out = self.work / "out"
@@ -305,8 +301,6 @@ class _RsyncDest(_Dest):
         finally:
             os.close(fd)
         self._run(rsync_engine.put_args([str(path)], self.base, rsh=self.rsh), "writing")
-        if self.local:
-            fsync_dir(Path(self.base))
 
     def delete(self, rels: list[str]) -> None:
         by_dir: dict[str, list[str]] = {}
@@ -315,8 +309,225 @@ class _RsyncDest(_Dest):
             by_dir.setdefault(parent, []).append(name)
         for parent, names in sorted(by_dir.items()):
             self._run(rsync_engine.delete_args(self._empty(), self._at(parent), names, rsh=self.rsh), "deleting at")
-            if self.local:
-                fsync_dir(Path(self._at(parent)))
+
+
+class _LocalDest(_Dest):
+    """A copy at a local path, opened once and then changed only relative to that directory.
+
+    DEST is opened without following a symlink (its parents as the
+    administrator spelled them) and refused if another user could rename or
+    replace it or a directory above it (docs/security.md, "Offsite copies").
+    Every write, rename and delete is then relative to the open directory,
+    and rsync gets it as ``/proc/self/fd/N``, so a DEST swapped for a link
+    meanwhile steers nothing: the sync finishes in the directory it opened.
+    """
+
+    def __init__(self, where: Location, stack: ExitStack) -> None:
+        self.where = where
+        self.stack = stack
+        self.fd: int | None = None  # DEST, once it exists
+        path = os.fsencode(where.path)
+        parent, name = os.path.split(path.rstrip(b"/") or b"/")
+        if not name:
+            raise UsageError(f"{where.text} cannot be a copy: give a directory below /")
+        self.top, self.missing = self._open_parents(parent)
+        stack.callback(os.close, self.top)
+        if not self.missing:
+            try:
+                self._adopt(beneath.open_beneath(self.top, name))
+                return
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(where.path):
+                    raise UsageError(f"{where.text} is a symlink; give the directory it points to "
+                                     f"({os.path.realpath(where.path)}) as DEST") from None
+                raise UsageError(f"{where.text}: {exc.strerror}") from None
+        self.missing.append(name)
+
+    def _open_parents(self, parent: bytes) -> tuple[int, list[bytes]]:
+        """The nearest existing directory at or above ``parent`` (its lineage checked), and the names below it.
+
+        Every directory the spelled path passes through is checked, so that a
+        symlink in it cannot be re-pointed by another user either.
+        """
+        parts = [p for p in parent.split(b"/") if p]
+        fd = -1
+        for depth in range(len(parts) + 1):
+            prefix = b"/" + b"/".join(parts[:depth])
+            try:
+                nxt = os.open(prefix, beneath.PATH_FLAGS)
+            except FileNotFoundError:
+                return fd, list(parts[depth - 1:])  # "/" is always there: depth is at least 1
+            except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                raise UsageError(f"{self.where.text}: {os.fsdecode(prefix)}: {exc.strerror}") from None
+            if fd >= 0:
+                os.close(fd)
+            fd = nxt
+            self._refuse_changeable(fd, os.fsdecode(prefix))
+        return fd, []
+
+    def _refuse_changeable(self, fd: int, shown: str) -> None:
+        """Refuse DEST when another user could swap ``shown`` (open on ``fd``) or a directory above it."""
+        chain = beneath.lineage(fd)
+        first = chain[0]
+        st = beneath.changeable_by_others([first, *chain]) if first.st_uid in (0, os.geteuid()) else first
+        if st is None:
+            return
+        who = f"owned by {_user(st.st_uid)}" if st.st_uid not in (0, os.geteuid()) else \
+            f"writable by {'everyone' if st.st_mode & stat.S_IWOTH else 'group ' + str(st.st_gid)}"
+        where = shown if st is first else f"a directory above {shown}"
+        raise UsageError(f"{self.where.text}: {where} is {who}, who could swap DEST for a link to another "
+                         "root; give a DEST whose directories only root can change")
+
+    def _adopt(self, fd: int) -> None:
+        self.stack.callback(os.close, fd)
+        self.fd = fd
+        self._refuse_changeable(fd, self.where.text)
+
+    def _dest(self) -> int:
+        assert self.fd is not None, "DEST is made by prepare()"
+        return self.fd
+
+    def lock(self) -> None:
+        self.stack.enter_context(writer_lock_at(self._dest(), Path(self.where.path, ".lock"), "sync"))
+
+    def readers_root(self) -> Path | None:
+        """DEST's path now, as the readers' registry and roll-back records name a root (only read through it).
+
+        None when no path names the open directory any more (removed, or
+        renamed while it was read): then nobody's mounts can be looked up.
+        """
+        path = os.readlink(beneath.fd_path(self._dest()))
+        try:
+            same = beneath.same_file(os.stat(path), os.fstat(self._dest()))
+        except OSError:
+            same = False
+        return Path(path) if same else None
+
+    def scan(self) -> dict[str, FileInfo] | None:
+        if self.fd is None:
+            return None
+        out = self._list(b"")
+        if out.get("bins", FileInfo(0, None, False)).is_dir:
+            out.update({f"bins/{n}": i for n, i in self._list(b"bins").items()})
+        return out
+
+    def _list(self, rel: bytes) -> dict[str, FileInfo]:
+        """The entries of one directory of DEST; anything but a file or directory never looks fresh (size -1)."""
+        out = {}
+        with beneath.opened(self._dest(), rel) as fd:
+            for entry in os.scandir(fd):
+                st = entry.stat(follow_symlinks=False)
+                size = st.st_size if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) else -1
+                out[entry.name] = FileInfo(size, st.st_mtime, stat.S_ISDIR(st.st_mode))
+        return out
+
+    def read(self, rel: str) -> bytes:
+        with beneath.opened(self._dest(), os.fsencode(rel), os.O_RDONLY) as fd, os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+
+    def prepare(self) -> None:
+        if self.fd is None:
+            current = os.open(".", beneath.PATH_FLAGS, dir_fd=self.top)
+            try:
+                for name in self.missing:
+                    with suppress(FileExistsError):
+                        os.mkdir(name, 0o700, dir_fd=current)
+                    below = beneath.open_beneath(current, name)
+                    os.close(current)
+                    current = below
+            except OSError as exc:
+                os.close(current)
+                raise UsageError(f"{self.where.text}: {exc.strerror}") from None
+            self._adopt(current)
+        for path in RootLayout(Path("")).skeleton():
+            with suppress(FileExistsError):
+                os.mkdir(path.name, 0o700, dir_fd=self._dest())
+
+    def clear_scratch(self) -> None:
+        with beneath.opened(self._dest(), b".work") as work:
+            for name in os.listdir(work):
+                beneath.remove_beneath(work, os.fsencode(name))
+
+    def put(self, source: _Source, rels: list[str]) -> None:
+        if isinstance(source, _RcloneSource):
+            for rel in rels:
+                self._put_from_rclone(source, rel)
+            return
+        assert isinstance(source, _LocalSource)
+        with tempfile.NamedTemporaryFile(prefix="squashfu-sync-files-") as listed:
+            listed.write(b"".join(os.fsencode(r) + b"\0" for r in rels))
+            listed.flush()
+            at = beneath.fd_path(self._dest())
+            proc = run(rsync_engine.sync_args(source.layout.root, at, Path(listed.name)), check=False,
+                       pass_fds=(self._dest(),))
+        if proc.returncode != 0:
+            raise ExternalCommandError(f"rsync (copying to {self.where.text}) failed (exit {proc.returncode}): "
+                                       f"{_rsync_complaint(proc.stderr).replace(at, self.where.text)}",
+                                       proc.returncode)
+        for parent in sorted({rel.rpartition("/")[0] for rel in rels}):
+            self._fsync(parent)
+
+    def _fsync(self, rel: str) -> None:
+        with beneath.opened(self._dest(), os.fsencode(rel)) as fd:
+            os.fsync(fd)
+
+    def _put_from_rclone(self, source: _RcloneSource, rel: str) -> None:
+        """One file downloaded into DEST's ``.work/``, an image checked against its digest in history, then renamed."""
+        parent, _, name = rel.rpartition("/")
+        info = source.info(rel)
+        with beneath.opened(self._dest(), b".work") as work, \
+                beneath.opened(self._dest(), os.fsencode(parent)) as target:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=work)
+            try:
+                rclone.cat_into(source.ref(rel), fd)
+                expected = _image_digests(source.history).get(rel)
+                actual = digest.of_fd(fd) if expected is not None else None
+                if actual != expected:
+                    os.unlink(name, dir_fd=work)
+                    raise DamagedRootError(f"{source.text}/{rel} has digest {str(actual)[:23]}…, its history "
+                                           f"records {str(expected)[:23]}…; not put in place (run "
+                                           f"`squashfu -r {source.text} verify`)")
+                if info is not None and info.mtime is not None:
+                    os.utime(fd, (info.mtime, info.mtime))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(name, name, src_dir_fd=work, dst_dir_fd=target)
+            os.fsync(target)
+
+    def put_small(self, name: str, data: bytes) -> None:
+        with beneath.opened(self._dest(), b".work") as work:
+            temp = f".{name}.tmp"
+            with suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=work)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=work)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, name, src_dir_fd=work, dst_dir_fd=self._dest())
+        os.fsync(self._dest())
+
+    def delete(self, rels: list[str]) -> None:
+        for rel in rels:
+            beneath.remove_beneath(self._dest(), os.fsencode(rel))
+        for parent in sorted({rel.rpartition("/")[0] for rel in rels}):
+            self._fsync(parent)
+
+
+def _user(uid: int) -> str:
+    """A user as ``name (uid N)``, or ``uid N`` for one without a name."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _rsync_complaint(stderr: bytes) -> str:
@@ -329,8 +540,9 @@ def _rsync_complaint(stderr: bytes) -> str:
 class _RcloneDest(_Dest):
     """A copy at ``rclone:REMOTE:PATH``: each file uploaded as ``NAME.tmp``, then renamed (moved) to NAME."""
 
-    def __init__(self, where: Location, work: Path) -> None:
+    def __init__(self, where: Location, work: Path, stack: ExitStack) -> None:
         self.where = where
+        self.stack = stack
         self.target = where.path
         self.work = work
 
@@ -401,7 +613,8 @@ def sync(root: str, dest_text: str, *, writable: bool = False, verbose: bool = F
         layers.check_known(source.history.bins)
         if where.kind == "rclone":
             _refuse_directory_bins(source.history, where)
-        dest: _Dest = _RcloneDest(where, work) if where.kind == "rclone" else _RsyncDest(where, work, rsh)
+        dest: _Dest = (_RcloneDest(where, work, stack) if where.kind == "rclone"
+                       else _RsyncDest(where, work, rsh, stack) if where.kind == "ssh" else _LocalDest(where, stack))
         return _sync(source, dest, stack, writable=writable, verbose=verbose)
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow
 
@@ -451,18 +664,18 @@ def _refuse_directory_bins(history: History, where: Location) -> None:
                              "sync to a local path or [USER@]HOST:PATH")
 
 
-def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> History | None:
-    """The copy's current history, or None for an empty or new copy; a place that is no copy is refused."""
+def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> tuple[History | None, bytes | None]:
+    """The copy's history and its bytes ((None, None): an empty or new copy); a place that is no copy is refused."""
     if state is None:
-        return None
+        return None, None
     text = dest.where.text
     if HISTORY_NAME in state:
-        history = History.from_json(dest.read(HISTORY_NAME).decode("utf-8", "replace"),
-                                    where=f"{text}/{HISTORY_NAME}")
+        raw = dest.read(HISTORY_NAME)
+        history = History.from_json(raw.decode("utf-8", "replace"), where=f"{text}/{HISTORY_NAME}")
         if copies.mark_of(history) is None:
             raise UsageError(f"{text} is a backup root of its own, not a copy made by `squashfu sync`; "
                              "refusing to overwrite it")
-        return history
+        return history, raw
     allowed = {CONFIG_NAME, ".lock", ".rollbacks", "bins", ".work", *(p.name for p in RootLayout(Path("/")).skeleton())}
     for name in sorted(state):
         if "/" in name:
@@ -471,7 +684,7 @@ def _check_dest(dest: _Dest, state: dict[str, FileInfo] | None) -> History | Non
             continue
         raise UsageError(f"{text} is not empty and holds no copy made by `squashfu sync` (it has {name}); "
                          "give an empty or new directory")
-    return None
+    return None, None
 
 
 def _refuse_foreign(old: History | None, new: History, text: str) -> None:
@@ -505,34 +718,55 @@ def _fresh(info: FileInfo | None, want: FileInfo) -> bool:
     return abs(info.mtime - want.mtime) < 1.5
 
 
+def _refuse_missing(source: _Source) -> None:
+    """Every layer the source's history names must be there: a copy naming absent files is no copy."""
+    for label, names in layer_files(source.history):
+        if source.info(names[0]) is None:
+            raise DamagedRootError(f"{source.text}: history names {names[0]} ({label}) but it is missing; "
+                                   f"nothing written (run `squashfu -r {source.text} verify`)")
+
+
+def _image_digests(history: History) -> dict[str, str]:
+    """The digest history records for each image, by relative name."""
+    out = {}
+    if history.seed is not None and history.seed.digest is not None:
+        out[history.seed.file] = history.seed.digest
+    for b in history.bins:
+        if layers.sealed(b) and b.digest is not None:
+            out[f"bins/{b.number}.sfs"] = b.digest
+    return out
+
+
 def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, verbose: bool) -> SyncResult:
     history = source.history
+    _refuse_missing(source)
+    if not isinstance(dest, _LocalDest):
+        dest.lock()  # a local DEST is locked in itself, below
     state = dest.scan()
-    old = _check_dest(dest, state)
+    old, old_raw = _check_dest(dest, state)
     _refuse_foreign(old, history, dest.where.text)
     locked = False
-    if dest.local and state is not None:
+    if isinstance(dest, _LocalDest) and state is not None:
         # One sync (or writer) at a time in a local copy; the lock also refuses a copy another
         # user owns (store/privacy.py) before anything there is touched.
-        stack.enter_context(writer_lock(Path(dest.where.path, ".lock"), "sync"))
+        dest.lock()
         locked = True
     dest.prepare()
-    if dest.local:
+    if isinstance(dest, _LocalDest):
         if not locked:
-            stack.enter_context(writer_lock(Path(dest.where.path, ".lock"), "sync"))
+            dest.lock()
         state = dest.scan()  # as it is now that nobody else writes it
-        old = _check_dest(dest, state)
+        old, old_raw = _check_dest(dest, state)
         _refuse_foreign(old, history, dest.where.text)
     dest.clear_scratch()
+    faults.checkpoint("sync-prepared")
     state = state or {}
     old_dirs = {b.number for b in old.bins if not layers.sealed(b)} if old is not None else set()
     copied: list[str] = []
     copied_bytes = unchanged = 0
     for label, names in layer_files(history):
         wanted = [(n, source.info(n)) for n in names]
-        present = [(n, info) for n, info in wanted if info is not None]
-        if not present:
-            continue
+        present = [(n, info) for n, info in wanted if info is not None]  # the layer, and the records it has
         todo = []
         for name, info in present:
             assert info is not None
@@ -556,10 +790,33 @@ def _sync(source: _Source, dest: _Dest, stack: ExitStack, *, writable: bool, ver
         dest.put_small(CONFIG_NAME, source.config)
     when = clock.now().isoformat(timespec="seconds")
     written = copies.unmarked(history) if writable else copies.marked(history, source.text, when)
+    if dest.history_now() != old_raw:
+        # Another sync (from another host, or DEST spelled another way) committed meanwhile and may
+        # have deleted layers this history names: writing it would damage the copy.
+        raise LockedError(f"{dest.where.text} changed while this sync ran (another sync wrote its "
+                          f"{HISTORY_NAME}); nothing more written: run sync again")
     dest.put_small(HISTORY_NAME, written.to_json().encode())
     faults.checkpoint("sync-history-written")
     removed, kept = _remove_unnamed(dest, history)
-    return SyncResult(dest.where.text, tuple(copied), copied_bytes, unchanged, tuple(removed), tuple(kept))
+    commands = _commands(source.config) if writable else ()
+    return SyncResult(dest.where.text, tuple(copied), copied_bytes, unchanged, tuple(removed), tuple(kept), commands)
+
+
+def _commands(config: bytes) -> tuple[str, ...]:
+    """The settings of a config that run commands as root: its hooks, and an ``rsh`` other than plain ssh.
+
+    A root brought back with ``--writable`` runs them at its next backup
+    (docs/security.md, "What is left to the administrator"): the copy's
+    config is code from wherever the copy was kept.
+    """
+    try:
+        data = tomllib.loads(config.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ("an unreadable squashfu.toml",)
+    found = [key for key in config_mod.HOOKS if data.get(key)]
+    if data.get("rsh", config_mod.DEFAULT_RSH) != config_mod.DEFAULT_RSH:
+        found.append("rsh")
+    return tuple(found)
 
 
 def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]]:
@@ -567,7 +824,8 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
 
     Only squashfu's own kinds of name: anything in ``bins/``, and at the top
     an old seed image or a ``.tmp`` file. A local copy keeps what its own
-    mount daemons still read, as a resquash does; the next sync deletes it.
+    mount daemons and live roll-backs still read, as recovery does
+    (store/recovery.py); the next sync deletes it.
     """
     state = dest.scan() or {}
     keep = committed_names(history)
@@ -581,16 +839,46 @@ def _remove_unnamed(dest: _Dest, history: History) -> tuple[list[str], list[str]
         if parent == "bins" or (parent == "" and (name.endswith(".tmp") or old_seed)):
             doomed.append(rel)
     kept: list[str] = []
-    if dest.local and doomed:
-        root = Path(os.path.realpath(dest.where.path))
+    if isinstance(dest, _LocalDest) and doomed:
+        root = dest.readers_root()
+        if root is None:  # its mounts cannot be looked up: delete nothing, the next sync will
+            return [], doomed
         numbers = {n for n in map(_bin_number, doomed) if n is not None}
         readers.wait_for(root, history.generation, unused=numbers)
         bins, seeds = readers.in_use(root, history.generation, numbers)
+        bins |= numbers & rollbacks.bins_read(RootLayout(root))  # a kernel roll-back of the copy stacks them
         kept = [rel for rel in doomed if rel in seeds or _bin_number(rel) in bins]
         doomed = [rel for rel in doomed if rel not in kept]
     if doomed:
         dest.delete(doomed)
     return doomed, kept
+
+
+@contextmanager
+def _dest_lock(where: Location) -> Iterator[None]:
+    """An ``flock`` on this machine keyed by the copy's name, for an ssh or rclone copy, which has no lock of its own.
+
+    Two syncs to one remote copy would otherwise interleave: the older one
+    would commit a history naming layers the newer one already deleted. A
+    copy reached under two spellings (or from two hosts) is caught later,
+    when its history is read again just before the commit.
+    """
+    home = readers.state_root() / "sync-dests"
+    readers.make_state_dir(home)
+    key = hashlib.sha256(f"{where.kind}\0{where.path.rstrip('/') or where.path}".encode()).hexdigest()[:32]
+    fd = os.open(home / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another sync"
+            raise LockedError(f"{where.text} is busy: {holder} syncs to it") from None
+        os.ftruncate(fd, 0)
+        since = clock.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"squashfu sync (pid {os.getpid()}, since {since})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 def _bin_number(rel: str) -> int | None:
