@@ -141,18 +141,10 @@ def _make_directories(top: int, missing: list[bytes], target: Path) -> int:
     too_long = [n for n in missing if len(n) > os.fpathconf(top, "PC_NAME_MAX")]
     if too_long:  # say so before creating the names in front of it
         raise UsageError(f"restore target {target}: {os.strerror(errno.ENAMETOOLONG)}")
-    current = os.open(".", beneath.PATH_FLAGS, dir_fd=top)
     try:
-        for name in missing:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=current)
-            below = beneath.open_beneath(current, name)
-            os.close(current)
-            current = below
+        return beneath.make_below(top, missing)
     except OSError as exc:
-        os.close(current)
         raise UsageError(f"restore target {target}: {exc.strerror}") from None
-    return current
 
 
 def _resolve_in_view(view_fd: int, relative: bytes, path: str | None, view: str) -> tuple[bytes, int, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,15 +56,28 @@ def writer_lock_at(root_fd: int, lock_path: Path, command: str) -> Iterator[None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UsageError(f"{lock_path} is not a regular file; refusing to touch the root")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
-            raise LockedError(f"{lock_path.parent} is busy: {holder} holds {lock_path}") from None
-        privacy.tighten(root_fd)
-        os.ftruncate(fd, 0)
-        since = clock.now().isoformat(timespec="seconds")
-        os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
+        holder = take(fd, command, before_naming=lambda: privacy.tighten(root_fd))
+        if holder is not None:
+            raise LockedError(f"{lock_path.parent} is busy: {holder or 'an unknown process'} holds {lock_path}")
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def take(fd: int, command: str, *, before_naming: Callable[[], None] | None = None) -> str | None:
+    """Take an exclusive ``flock`` on the open lock file ``fd`` and write who holds it.
+
+    Returns None when the lock is ours, or the holder's line (maybe empty)
+    when another process holds it; ``before_naming`` runs once the lock is
+    ours, before the file names us.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode(errors="replace").strip()
+    if before_naming is not None:
+        before_naming()
+    os.ftruncate(fd, 0)
+    since = clock.now().isoformat(timespec="seconds")
+    os.pwrite(fd, f"squashfu {command} (pid {os.getpid()}, since {since})\n".encode(), 0)
+    return None

@@ -13,6 +13,7 @@ See docs/security.md.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -161,6 +162,26 @@ def remove_beneath(dirfd: int, rel: bytes) -> bool:
             return True
     except FileNotFoundError:
         return False
+
+
+def make_below(top: int, names: list[bytes]) -> int:
+    """Create each missing name of ``names`` as a 0700 directory below the last, from ``top``, following no symlink.
+
+    Returns an fd of the last one (or of ``top`` itself when ``names`` is
+    empty): the restore target or copy that a command then works in.
+    """
+    current = os.open(".", PATH_FLAGS, dir_fd=top)
+    try:
+        for name in names:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=current)
+            below = open_beneath(current, name)
+            os.close(current)
+            current = below
+    except BaseException:
+        os.close(current)
+        raise
+    return current
 
 
 def fd_path(fd: int) -> str:

@@ -21,7 +21,6 @@ daemons still read.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import pwd
@@ -46,7 +45,7 @@ from squashfu_fs.store import registry as readers
 from squashfu_fs.store.copies import Location
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import CONFIG_NAME, HISTORY_NAME, RootLayout
-from squashfu_fs.store.lock import writer_lock_at
+from squashfu_fs.store.lock import take, writer_lock_at
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, digest, faults
 from squashfu_fs.util.say import say
@@ -431,16 +430,9 @@ class _LocalDest(_Dest):
 
     def prepare(self) -> None:
         if self.fd is None:
-            current = os.open(".", beneath.PATH_FLAGS, dir_fd=self.top)
             try:
-                for name in self.missing:
-                    with suppress(FileExistsError):
-                        os.mkdir(name, 0o700, dir_fd=current)
-                    below = beneath.open_beneath(current, name)
-                    os.close(current)
-                    current = below
+                current = beneath.make_below(self.top, self.missing)
             except OSError as exc:
-                os.close(current)
                 raise UsageError(f"{self.where.text}: {exc.strerror}") from None
             self._adopt(current)
         for path in RootLayout(Path("")).skeleton():
@@ -868,14 +860,9 @@ def _dest_lock(where: Location) -> Iterator[None]:
     key = hashlib.sha256(f"{where.kind}\0{where.path.rstrip('/') or where.path}".encode()).hexdigest()[:32]
     fd = os.open(home / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another sync"
-            raise LockedError(f"{where.text} is busy: {holder} syncs to it") from None
-        os.ftruncate(fd, 0)
-        since = clock.now().isoformat(timespec="seconds")
-        os.pwrite(fd, f"squashfu sync (pid {os.getpid()}, since {since})\n".encode(), 0)
+        holder = take(fd, "sync")
+        if holder is not None:
+            raise LockedError(f"{where.text} is busy: {holder or 'another sync'} syncs to it")
         yield
     finally:
         os.close(fd)  # closing drops the flock
