@@ -261,6 +261,26 @@ def test_an_exclude_that_leaves_out_a_source_is_refused(scratch: Path,
         assert not (scratch / "root").exists()
 
 
+@pytest.mark.parametrize("pattern", ["{srv}/[[:alpha:]]ww/", "{srv}/w\\ww/", "- {srv}/www/", "+ /tmp/"])
+def test_an_exclude_squashfu_cannot_read_is_refused_with_several_sources(
+        scratch: Path, sources: tuple[list[Path], list[Path]], pattern: str) -> None:
+    """A pattern squashfu does not understand might leave out a source unseen: refused at init and at backup."""
+    (etc, www), _ = sources
+    pattern = pattern.format(srv=www.parent)
+    root = scratch / "root"
+    line = one_line(squashfu("init", root, "--source", etc, "--source", www, "--exclude", pattern, expect=2))
+    assert f"the exclude pattern {pattern!r}" in line and "nothing was created" in line, line
+    assert not root.exists()
+    squashfu("init", root, "--source", etc, "--source", www)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    before = (root / "history.json").read_bytes()
+    config = root / "squashfu.toml"
+    config.write_text(config.read_text().replace("excludes = []", f"excludes = [{json.dumps(pattern)}]"))
+    line = one_line(squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=2))
+    assert f"the exclude pattern {pattern!r}" in line and "nothing was backed up" in line, line
+    assert (root / "history.json").read_bytes() == before
+
+
 @pytest.mark.parametrize(("value", "words"), [
     ('["/etc", "/etc"]', "given twice"),
     ('["/srv", "/srv/www"]', "inside source /srv"),

@@ -64,7 +64,10 @@ def refuse_missing_sources(config: Config, then: str) -> None:
 
     Several sources are each looked up from "/" without following a symlink,
     as the walk and rsync ``--relative`` will reach them: one reached through
-    a symlink would be stored as that symlink.
+    a symlink would be stored as that symlink. An exclude pattern squashfu
+    cannot read is refused with several sources: it could leave out a source
+    (or a directory above one) without squashfu seeing it (docs/operations.md,
+    "Several sources").
     """
     if not config.several:
         if not Path(config.source).is_dir():
@@ -73,6 +76,10 @@ def refuse_missing_sources(config: Config, then: str) -> None:
     for path, rel in zip(config.sources, config.selection, strict=True):
         parts = rel.split(b"/")
         for pattern in config.excludes:
+            if not Excludes((pattern,)).understood:
+                raise UsageError(f"the exclude pattern {pattern!r} uses rsync syntax squashfu does not read "
+                                 f"(a rule prefix, a backslash, a character class), so with several sources it "
+                                 f"could leave out a source unseen; write it with *, ?, [...] and / only; {then}")
             if any(Excludes((pattern,)).excluded(b"/".join(parts[:i]), True) for i in range(1, len(parts) + 1)):
                 raise UsageError(f"the exclude pattern {pattern!r} leaves out the source {path} (or a directory "
                                  f"above it); remove the pattern or the source; {then}")
