@@ -414,3 +414,46 @@ def test_a_dry_run_names_paths_under_each_source_and_commits_nothing(
     tonight = squashfu("-r", root, "backup", "--dry-run", now="2026-11-03T02:00").stdout
     assert os.fsdecode(rel(www)) + "/new.txt" in tonight and "big.bin" not in tonight, tonight
     assert (root / "history.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("swapped_on", ["seed", "full", "manifest"])
+def test_a_source_swapped_for_a_symlink_before_rsync_keeps_its_last_state(
+        scratch: Path, sources: tuple[list[Path], list[Path]], swapped_on: str) -> None:
+    """Swapped after the walk, rsync would store the source as that symlink: withdrawn instead, and exit 3."""
+    from .t3_hostile_source import swapping_rsync
+
+    (etc, www), _ = sources
+    root, outside, mp = scratch / "root", scratch / "outside", scratch / "mp"
+    outside.mkdir()
+    (outside / "roots-own-secret").write_text("root must never back this up here\n")
+    env, armed = swapping_rsync(scratch, www, outside)
+    squashfu("init", root, "--source", etc, "--source", www)
+    if swapped_on != "seed":
+        squashfu("-r", root, "backup", now="2026-11-02T02:00", env=env)
+    before = rollback_snapshot(root, "latest", mp)[0] if swapped_on != "seed" else {}
+    (etc / "tonight").write_text("the other source still backed up\n")
+    (www / "tonight").write_text("walked, so on a manifest night listed for rsync\n")
+    armed.touch()
+    extra = ["--full"] if swapped_on == "full" else []
+    line = one_line(squashfu("-r", root, "backup", *extra, now="2026-11-03T02:00", env=env, expect=3))
+    assert not armed.exists() and www.is_symlink()
+    assert f"source {www} " in line and "symlink" in line, line
+    if swapped_on != "seed":
+        assert history(root)["bins"][-1]["compare"] == swapped_on
+    view = rollback_snapshot(root, "latest", mp)[0]
+    assert rel(etc) + b"/tonight" in view
+    assert not [k for k in view if k.endswith(b"roots-own-secret")]
+    if swapped_on == "seed":  # nothing to keep: the source is not in the seed
+        assert not [k for k in view if k == rel(www) or k.startswith(rel(www) + b"/")]
+    else:  # the union still shows the source as the last night stored it
+        assert view[rel(www)].kind == "dir"
+        kept = {k: v for k, v in view.items() if k.startswith(rel(www) + b"/")}
+        assert kept == {k: v for k, v in before.items() if k.startswith(rel(www) + b"/")}
+    # the source back as a directory with new contents: the next night stores exactly that
+    www.unlink()
+    www.mkdir()
+    (www / "back").write_text("a directory again\n")
+    proc = squashfu("-r", root, "backup", now="2026-11-04T02:00", env=env, expect=0 if swapped_on == "seed" else 3)
+    assert swapped_on == "seed" or f"leaves {www} (1 of " in one_line(proc), proc.stderr
+    view = rollback_snapshot(root, "latest", mp)[0]
+    assert [k for k in view if k.startswith(rel(www) + b"/")] == [rel(www) + b"/back"], sorted(view)

@@ -36,7 +36,7 @@ from squashfu_fs.errors import (
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, recovery, usage
 from squashfu_fs.store.config import Config
-from squashfu_fs.store.history import Bin, History, SourceState
+from squashfu_fs.store.history import Bin, History, Seed, SourceState
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults, metrics
@@ -59,6 +59,7 @@ from squashfu_fs.write.source import (
     source_opened,
     source_states,
     walk_source,
+    withdraw_replaced_sources,
 )
 from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, second_pass, stage_tree
 
@@ -290,9 +291,10 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
                       b"before\n" % (scan.deleted, scan.entries_before))
         log.writelines(b"squashfu: this backup leaves the source %s with fewer than half its entries\n"
                        % os.fsencode(shrunk) for shrunk in scan.shrunk)
+        log.writelines(b"squashfu: " + os.fsencode(withdrawn) + b"\n" for withdrawn in scan.withdrawn)
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
         say(verbose, f"some source files vanished during the backup; see {log_file}")
-    missing = []
+    missing = list(scan.withdrawn)
     if result.partial or scan.whiteout_devices:
         unreadable = sum(1 for line in result.errors if not line.startswith("rsync error:"))
         if run is not None:
@@ -329,13 +331,17 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
                                 selection=config.selection)
             if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
                 result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
-            copied = None if source_fd is None or walked is None else _copied_entries(
+            withdrawn = withdraw_replaced_sources(layout.staging, config, fresh=True)
+            if withdrawn and states is not None:  # not in the seed: a later night adds it as a new source
+                states = tuple(state for state in states if state.path not in withdrawn)
+            copied = None if source_fd is None or walked is None or withdrawn else _copied_entries(
                 source_fd, layout.staging, walked, None, excludes, result, remove=_remove_from_union)
         except BaseException:
             recovery.remove(layout.staging)
             raise
     scan = scan_layer(layout.staging, source=None if remote else Path(config.source),
                       made_devices=result.made_devices)
+    scan = dataclasses.replace(scan, withdrawn=_described(withdrawn, "it is not in the seed"))
     faults.checkpoint("after-rsync")
     say(verbose, f"compressing the seed with {config.compression}")
     contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
@@ -433,6 +439,12 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                 # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
                 # view's top
                 result = _copy_top(source_fd, partial, result, log_file)
+            withdrawn = withdraw_replaced_sources(partial, config, fresh=False)
+            if withdrawn:  # what tonight's walk saw of them is not what the bin keeps: compare all tomorrow
+                copied = None
+                kept = {state.path: state for state in _last(history).sources or ()}
+                states = tuple(kept.get(state.path, state) if state.path in withdrawn else state
+                               for state in states or ())
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
@@ -459,8 +471,21 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     _record_manifest(layout, history, config, copied)
     say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
-                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states))
+                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states),
+                               withdrawn=_described(withdrawn, "its last backed-up state is kept"))
     return history, scan, result
+
+
+def _last(history: History) -> Bin | Seed:
+    """The newest committed layer's record: the last bin, or the seed."""
+    last = history.bins[-1] if history.bins else history.seed
+    assert last is not None
+    return last
+
+
+def _described(withdrawn: dict[str, str], outcome: str) -> tuple[str, ...]:
+    """Each withdrawn source as the exit-3 line names it."""
+    return tuple(f"the source {path} {why}; {outcome}" for path, why in withdrawn.items())
 
 
 def _shrunk(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None) -> tuple[str, ...]:

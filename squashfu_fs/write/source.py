@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,6 +112,47 @@ def source_states(top: int, config: Config, walked: changes.Scan) -> tuple[Sourc
         below = bisect.bisect_left(keys, rel + b"0") - bisect.bisect_left(keys, rel + b"/")  # b"0" follows b"/"
         states.append(SourceState(path=path, device=device, fsid=fsid, entries=below))
     return tuple(states)
+
+
+def withdraw_replaced_sources(layer: Path, config: Config, *, fresh: bool) -> dict[str, str]:
+    """Each of several sources that rsync did not leave a directory in ``layer``: taken out, and described.
+
+    The walk saw every source as a directory, but one swapped for a symlink (or
+    a file) before rsync reached it is copied as that, and would be committed
+    as that. Its entry (or the one of the directory above it that changed) is
+    removed from ``layer``, a bin or the staging tree, not mounted now: the
+    union then shows the source as the last night stored it. In the seed
+    (``fresh``) nothing lies below, so the source is simply not in it
+    (docs/operations.md, "Several sources"). Returns why, by source path.
+    """
+    if not config.several:
+        return {}
+    why: dict[str, str] = {}
+    removed: list[bytes] = []
+    with beneath.opened_root(layer) as fd:
+        for path, rel in zip(config.sources, config.selection, strict=True):
+            parts = beneath.components(rel)
+            for depth in range(1, len(parts) + 1):
+                here = b"/".join(parts[:depth])
+                if here in removed:
+                    why[path] = "a directory above it was not a directory when rsync reached it"
+                    break
+                try:
+                    st = beneath.lstat_beneath(fd, here)
+                except FileNotFoundError:
+                    if fresh:
+                        why[path] = "rsync did not copy it"
+                    break  # not in tonight's bin: the layers below still hold it
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                beneath.remove_beneath(fd, here)
+                removed.append(here)
+                what = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a file" if stat.S_ISREG(st.st_mode)
+                        else "gone" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else "not a directory")
+                above = "" if here == rel else f"the directory {os.fsdecode(b'/' + here)} above it "
+                why[path] = f"{above}was {what} when rsync reached it"
+                break
+    return why
 
 
 @contextmanager
