@@ -294,6 +294,7 @@ def test_an_exclude_squashfu_cannot_read_is_refused_with_several_sources(
     ('["/srv/www/", "/etc"]', "written plainly"),
     ('["/srv/../etc", "/srv"]', "written plainly"),
     ('[]', "string or a list of strings"),
+    ('["/etc"]', "needs at least two"),
     ('["/etc", 3]', "string or a list of strings"),
 ])
 def test_bad_source_lists_in_the_config_are_refused(tmp_path: Path, value: str, words: str) -> None:

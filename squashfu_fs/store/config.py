@@ -349,6 +349,8 @@ def _source_setting(data: dict[str, Any]) -> dict[str, Any]:
         return {"source": value}
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"source must be a string or a list of strings, not {value!r}")
+    if len(value) < 2:  # else it would load as that one source, a layout the docs give as a string only
+        raise ConfigError("a list of sources needs at least two; give one source as a string")
     return source_settings(value)
 
 
