@@ -518,3 +518,22 @@ def test_a_source_a_user_symlinked_is_left_out_and_the_others_backed_up(
     line = one_line(squashfu("-r", root, "backup", now="2026-11-07T02:00", expect=2))
     assert "missing" in line and "nothing was backed up" in line, line
     assert (root / "history.json").read_bytes() == before_all
+
+
+def test_a_new_source_rsync_did_not_copy_is_named(tmp_path: Path) -> None:
+    """After rsync each source must be a directory in the layer, or (already committed) in the layers below it.
+
+    A source added tonight has nothing below tonight's bin: missing from it,
+    the day would silently lack it. (A plain directory stands for the bin.)
+    """
+    from squashfu_fs.write.source import withdraw_replaced_sources
+
+    layer = tmp_path / "bin"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "srv").mkdir()
+    (layer / "srv" / "www").symlink_to("/")
+    config = Config(source="/", sources=("/etc", "/srv/www", "/home"))
+    why = withdraw_replaced_sources(layer, config, new={"/home"})
+    assert why == {"/srv/www": "was a symlink when rsync reached it", "/home": "was not copied by rsync"}, why
+    assert not os.path.lexists(layer / "srv" / "www") and (layer / "etc").is_dir()
+    assert withdraw_replaced_sources(layer, config, new=()) == {}

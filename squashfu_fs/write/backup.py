@@ -343,7 +343,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
                                 selection=night.selection)
             if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
                 result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
-            left |= withdraw_replaced_sources(layout.staging, night, fresh=True)
+            left |= withdraw_replaced_sources(layout.staging, night, new=config.sources)
             night = dataclasses.replace(config, left_out=tuple(left))
             states = _with_carried(night, states, history)
             copied = None if source_fd is None or walked is None or left else _copied_entries(
@@ -463,7 +463,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                 # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
                 # view's top
                 result = _copy_top(source_fd, partial, result, log_file)
-            withdrawn = withdraw_replaced_sources(partial, night, fresh=False)
+            withdrawn = withdraw_replaced_sources(partial, night, new=_never_committed(config, history))
             if withdrawn:  # what tonight's walk saw of them is not what the bin keeps: compare all tomorrow
                 left |= withdrawn
                 night = dataclasses.replace(config, left_out=tuple(left))
@@ -527,6 +527,12 @@ def _with_carried(night: Config, states: tuple[SourceState, ...] | None,
     now = {state.path: state for state in states}
     chosen = [before.get(path) if path in night.left_out else now.get(path) for path in night.sources]
     return tuple(state for state in chosen if state is not None)
+
+
+def _never_committed(config: Config, history: History) -> set[str]:
+    """The sources no committed layer holds yet: added to the config since the last backup."""
+    last = history.bins[-1] if history.bins else history.seed
+    return set(config.sources) - {state.path for state in (last.sources if last else None) or ()}
 
 
 def _described(left: dict[str, str], history: History, overridable: set[str], *, fresh: bool) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,16 +146,18 @@ def source_states(top: int, config: Config, walked: changes.Scan) -> tuple[Sourc
     return tuple(states)
 
 
-def withdraw_replaced_sources(layer: Path, config: Config, *, fresh: bool) -> dict[str, str]:
+def withdraw_replaced_sources(layer: Path, config: Config, *, new: Collection[str]) -> dict[str, str]:
     """Each of several sources that rsync did not leave a directory in ``layer``: taken out, and described.
 
     The walk saw every source as a directory, but one swapped for a symlink (or
     a file) before rsync reached it is copied as that, and would be committed
     as that. Its entry (or the one of the directory above it that changed) is
     removed from ``layer``, a bin or the staging tree, not mounted now: the
-    union then shows the source as the last night stored it. In the seed
-    (``fresh``) nothing lies below, so the source is simply not in it
-    (docs/operations.md, "Several sources"). Returns why, by source path.
+    union then shows the source as the last night stored it. Below a source
+    in ``new`` (every one in the seed, one added tonight in a bin) no
+    committed layer lies: there it is simply missing, and a source rsync did
+    not copy at all is named too (docs/operations.md, "Several sources").
+    Returns why, by source path.
     """
     if not config.several:
         return {}
@@ -172,8 +174,8 @@ def withdraw_replaced_sources(layer: Path, config: Config, *, fresh: bool) -> di
                 try:
                     st = beneath.lstat_beneath(fd, here)
                 except FileNotFoundError:
-                    if fresh:
-                        why[path] = "rsync did not copy it"
+                    if path in new:
+                        why[path] = "was not copied by rsync"
                     break  # not in tonight's bin: the layers below still hold it
                 if stat.S_ISDIR(st.st_mode):
                     continue
