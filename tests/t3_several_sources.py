@@ -188,8 +188,8 @@ def tmpfs_source(scratch: Path) -> Iterator[Path]:
             subprocess.run(["umount", data], check=True)
 
 
-def test_one_source_whose_disk_did_not_come_up_is_refused(scratch: Path, sources: tuple[list[Path], list[Path]],
-                                                          tmpfs_source: Path) -> None:
+def test_one_source_whose_disk_did_not_come_up_keeps_its_last_state(
+        scratch: Path, sources: tuple[list[Path], list[Path]], tmpfs_source: Path) -> None:
     srcs, _ = sources
     data = tmpfs_source
     for i in range(10):
@@ -199,31 +199,35 @@ def test_one_source_whose_disk_did_not_come_up_is_refused(scratch: Path, sources
     squashfu("-r", root, "backup", now="2026-11-02T02:00")
     for i in range(8):  # most of one small source deleted: committed, and said, though the root barely shrank
         (data / f"f{i}").unlink()
+    # (a bin image holding no xattr at all answers listxattr on its directories with EOPNOTSUPP: see the report)
+    (srcs[0] / "with-xattr").write_text("x\n")
+    os.setxattr(srcs[0] / "with-xattr", "user.note", b"kept")
     line = one_line(squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=3))
     assert f"leaves {data} (2 of 10) with fewer than half" in line, line
-    before = (root / "history.json").read_bytes()
-    manifest = (root / ".manifest").read_bytes()
-    bins = sorted(os.listdir(root / "bins"))
+    mp = scratch / "mp"
+    kept = {k: v for k, v in rollback_snapshot(root, "latest", mp)[0].items() if k.startswith(rel(data) + b"/")}
+    assert sorted(kept) == [rel(data) + b"/f8", rel(data) + b"/f9"], sorted(kept)
     subprocess.run(["umount", data], check=True)  # tonight the data disk did not come up
-    proc = squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=1)
-    line = one_line(proc)
-    assert "empty" in line and str(data) in line and "--allow-source-change" in line, line
-    assert (root / "history.json").read_bytes() == before and (root / ".manifest").read_bytes() == manifest
-    assert sorted(os.listdir(root / "bins")) == bins
-    (data / "stray").write_text("written into the bare mount point\n")
-    line = one_line(squashfu("-r", root, "backup", "--full", now="2026-11-04T02:00", expect=1))
-    assert "another filesystem" in line and str(data) in line, line
-    assert (root / "history.json").read_bytes() == before
-    # A source that is gone altogether: one line, nothing committed.
-    shutil.rmtree(data)
-    line = one_line(squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=2))
-    assert "missing" in line and str(data) in line, line
-    assert (root / "history.json").read_bytes() == before
+    for day, extra, words in [("04", [], "is empty, but had 2 entries"),
+                              ("05", ["--full"], "is on another filesystem"),
+                              ("06", [], "is missing")]:
+        if day == "05":
+            (data / "stray").write_text("written into the bare mount point\n")
+        if day == "06":
+            shutil.rmtree(data)
+        (srcs[0] / "tonight").write_text(f"the other sources are backed up all the same ({day})\n")
+        os.setxattr(srcs[0] / "tonight", "user.day", day.encode())
+        line = one_line(squashfu("-r", root, "backup", *extra, now=f"2026-11-{day}T02:00", expect=3))
+        assert f"the source {data} {words}" in line and "its last backed-up state is kept" in line, line
+        assert ("--allow-source-change" in line) == (day != "06"), line
+        assert history(root)["bins"][-1]["time"].startswith(f"2026-11-{day}")
+        view = rollback_snapshot(root, "latest", mp)[0]
+        assert {k: v for k, v in view.items() if k.startswith(rel(data) + b"/")} == kept
+        assert rel(srcs[0]) + b"/tonight" in view
     # The administrator says it is intended: committed, the other sources untouched.
     data.mkdir()
-    line = one_line(squashfu("-r", root, "backup", "--allow-source-change", now="2026-11-04T02:00", expect=3))
+    line = one_line(squashfu("-r", root, "backup", "--allow-source-change", now="2026-11-07T02:00", expect=3))
     assert f"leaves {data} (0 of 2)" in line, line
-    mp = scratch / "mp"
     view = rollback_snapshot(root, "latest", mp)
     assert rel(data) in view[0] and not [k for k in view[0] if k.startswith(rel(data) + b"/")]
     assert rel(srcs[1]) + b"/big.bin" in view[0]
@@ -261,6 +265,26 @@ def test_an_exclude_that_leaves_out_a_source_is_refused(scratch: Path,
         assert not (scratch / "root").exists()
 
 
+@pytest.mark.parametrize("pattern", ["{srv}/[[:alpha:]]ww/", "{srv}/w\\ww/", "- {srv}/www/", "+ /tmp/"])
+def test_an_exclude_squashfu_cannot_read_is_refused_with_several_sources(
+        scratch: Path, sources: tuple[list[Path], list[Path]], pattern: str) -> None:
+    """A pattern squashfu does not understand might leave out a source unseen: refused at init and at backup."""
+    (etc, www), _ = sources
+    pattern = pattern.format(srv=www.parent)
+    root = scratch / "root"
+    line = one_line(squashfu("init", root, "--source", etc, "--source", www, "--exclude", pattern, expect=2))
+    assert f"the exclude pattern {pattern!r}" in line and "nothing was created" in line, line
+    assert not root.exists()
+    squashfu("init", root, "--source", etc, "--source", www)
+    squashfu("-r", root, "backup", now="2026-11-02T02:00")
+    before = (root / "history.json").read_bytes()
+    config = root / "squashfu.toml"
+    config.write_text(config.read_text().replace("excludes = []", f"excludes = [{json.dumps(pattern)}]"))
+    line = one_line(squashfu("-r", root, "backup", now="2026-11-03T02:00", expect=2))
+    assert f"the exclude pattern {pattern!r}" in line and "nothing was backed up" in line, line
+    assert (root / "history.json").read_bytes() == before
+
+
 @pytest.mark.parametrize(("value", "words"), [
     ('["/etc", "/etc"]', "given twice"),
     ('["/srv", "/srv/www"]', "inside source /srv"),
@@ -270,6 +294,7 @@ def test_an_exclude_that_leaves_out_a_source_is_refused(scratch: Path,
     ('["/srv/www/", "/etc"]', "written plainly"),
     ('["/srv/../etc", "/srv"]', "written plainly"),
     ('[]', "string or a list of strings"),
+    ('["/etc"]', "needs at least two"),
     ('["/etc", 3]', "string or a list of strings"),
 ])
 def test_bad_source_lists_in_the_config_are_refused(tmp_path: Path, value: str, words: str) -> None:
@@ -394,3 +419,121 @@ def test_a_dry_run_names_paths_under_each_source_and_commits_nothing(
     tonight = squashfu("-r", root, "backup", "--dry-run", now="2026-11-03T02:00").stdout
     assert os.fsdecode(rel(www)) + "/new.txt" in tonight and "big.bin" not in tonight, tonight
     assert (root / "history.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("swapped_on", ["seed", "full", "manifest"])
+def test_a_source_swapped_for_a_symlink_before_rsync_keeps_its_last_state(
+        scratch: Path, sources: tuple[list[Path], list[Path]], swapped_on: str) -> None:
+    """Swapped after the walk, rsync would store the source as that symlink: withdrawn instead, and exit 3."""
+    from .t3_hostile_source import swapping_rsync
+
+    (etc, www), _ = sources
+    root, outside, mp = scratch / "root", scratch / "outside", scratch / "mp"
+    outside.mkdir()
+    (outside / "roots-own-secret").write_text("root must never back this up here\n")
+    env, armed = swapping_rsync(scratch, www, outside)
+    squashfu("init", root, "--source", etc, "--source", www)
+    if swapped_on != "seed":
+        squashfu("-r", root, "backup", now="2026-11-02T02:00", env=env)
+    before = rollback_snapshot(root, "latest", mp)[0] if swapped_on != "seed" else {}
+    (etc / "tonight").write_text("the other source still backed up\n")
+    (www / "tonight").write_text("walked, so on a manifest night listed for rsync\n")
+    armed.touch()
+    extra = ["--full"] if swapped_on == "full" else []
+    line = one_line(squashfu("-r", root, "backup", *extra, now="2026-11-03T02:00", env=env, expect=3))
+    assert not armed.exists() and www.is_symlink()
+    assert f"source {www} " in line and "symlink" in line, line
+    if swapped_on != "seed":
+        assert history(root)["bins"][-1]["compare"] == swapped_on
+    view = rollback_snapshot(root, "latest", mp)[0]
+    assert rel(etc) + b"/tonight" in view
+    assert not [k for k in view if k.endswith(b"roots-own-secret")]
+    if swapped_on == "seed":  # nothing to keep: the source is not in the seed
+        assert not [k for k in view if k == rel(www) or k.startswith(rel(www) + b"/")]
+    else:  # the union still shows the source as the last night stored it
+        assert view[rel(www)].kind == "dir"
+        kept = {k: v for k, v in view.items() if k.startswith(rel(www) + b"/")}
+        assert kept == {k: v for k, v in before.items() if k.startswith(rel(www) + b"/")}
+    # the source back as a directory with new contents: the next night stores exactly that
+    www.unlink()
+    www.mkdir()
+    (www / "back").write_text("a directory again\n")
+    proc = squashfu("-r", root, "backup", now="2026-11-04T02:00", env=env, expect=0 if swapped_on == "seed" else 3)
+    assert swapped_on == "seed" or f"leaves {www} (1 of " in one_line(proc), proc.stderr
+    view = rollback_snapshot(root, "latest", mp)[0]
+    assert [k for k in view if k.startswith(rel(www) + b"/")] == [rel(www) + b"/back"], sorted(view)
+
+
+@pytest.mark.parametrize("night", ["seed", "bin"])
+def test_a_source_a_user_symlinked_is_left_out_and_the_others_backed_up(
+        scratch: Path, sources: tuple[list[Path], list[Path]], night: str) -> None:
+    """A user who owns /srv must not stop the backup of /etc: /srv/www keeps its last state, exit 3."""
+    (etc, www), _ = sources
+    api = www.parent / "api"  # a third source beside www, below the same parent
+    api.mkdir()
+    (api / "conf").write_text("api\n")
+    root, outside, mp = scratch / "root", scratch / "outside", scratch / "mp"
+    outside.mkdir()
+    (outside / "roots-own-secret").write_text("never in the backup\n")
+    squashfu("init", root, "--source", etc, "--source", www, "--source", api)
+    before: dict[B, Entry] = {}
+    if night == "bin":
+        squashfu("-r", root, "backup", now="2026-11-02T02:00")
+        (etc / "a-manifest-night").write_text("x\n")
+        os.setxattr(etc / "a-manifest-night", "user.note", b"an image with no xattr lists none on its dirs")
+        squashfu("-r", root, "backup", now="2026-11-03T02:00")
+        assert history(root)["bins"][-1]["compare"] == "manifest"
+        before = rollback_snapshot(root, "latest", mp)[0]
+    hidden = scratch / "www-hidden"
+    www.rename(hidden)
+    www.symlink_to(outside)
+    (etc / "tonight").write_text("still backed up\n")
+    (api / "tonight").write_text("still backed up\n")
+    proc = squashfu("-r", root, "backup", now="2026-11-04T02:00", expect=3)
+    line = one_line(proc)
+    assert f"source {www} " in line and "symlink" in line, line
+    log = (root / "logs" / "backup-2026-11-04T020000.log").read_text()
+    assert str(www) in log and "symlink" in log, log
+    view = rollback_snapshot(root, "latest", mp)[0]
+    assert rel(etc) + b"/tonight" in view and rel(api) + b"/tonight" in view
+    assert not [k for k in view if k.endswith(b"roots-own-secret")]
+    kept = {k: v for k, v in view.items() if k == rel(www) or k.startswith(rel(www) + b"/")}
+    assert kept == {k: v for k, v in before.items() if k == rel(www) or k.startswith(rel(www) + b"/")}
+    # gone altogether: the same
+    www.unlink()
+    proc = squashfu("-r", root, "backup", now="2026-11-05T02:00", expect=3)
+    assert f"source {www} " in one_line(proc) and "missing" in one_line(proc), proc.stderr
+    # back as it was: nothing of it was recorded as deleted, the next night stores it exactly
+    hidden.rename(www)
+    squashfu("-r", root, "backup", now="2026-11-06T02:00")
+    view = rollback_snapshot(root, "latest", mp)[0]
+    got = {k: v for k, v in view.items() if k.startswith(rel(www) + b"/")}
+    want = {k: v for k, v in combined([www], [])[0].items() if k.startswith(rel(www) + b"/")}
+    assert not differences((want, frozenset()), (got, frozenset())), differences(
+        (want, frozenset()), (got, frozenset()))
+    # every source unusable: refused, nothing committed
+    before_all = (root / "history.json").read_bytes()
+    for path in (etc, www, api):
+        path.rename(scratch / (path.name + "-away"))
+    line = one_line(squashfu("-r", root, "backup", now="2026-11-07T02:00", expect=2))
+    assert "missing" in line and "nothing was backed up" in line, line
+    assert (root / "history.json").read_bytes() == before_all
+
+
+def test_a_new_source_rsync_did_not_copy_is_named(tmp_path: Path) -> None:
+    """After rsync each source must be a directory in the layer, or (already committed) in the layers below it.
+
+    A source added tonight has nothing below tonight's bin: missing from it,
+    the day would silently lack it. (A plain directory stands for the bin.)
+    """
+    from squashfu_fs.write.source import withdraw_replaced_sources
+
+    layer = tmp_path / "bin"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "srv").mkdir()
+    (layer / "srv" / "www").symlink_to("/")
+    config = Config(source="/", sources=("/etc", "/srv/www", "/home"))
+    why = withdraw_replaced_sources(layer, config, new={"/home"})
+    assert why == {"/srv/www": "was a symlink when rsync reached it", "/home": "was not copied by rsync"}, why
+    assert not os.path.lexists(layer / "srv" / "www") and (layer / "etc").is_dir()
+    assert withdraw_replaced_sources(layer, config, new=()) == {}

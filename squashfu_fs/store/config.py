@@ -114,11 +114,16 @@ class Config:
     # Several sources in one root (docs/operations.md, "Several sources"): each appears in every view under
     # its own absolute path, as with rsync --relative; empty for a root with one source.
     sources: tuple[str, ...] = ()
+    # Set by a backup for one night, never read from or written to the file: sources that cannot be backed
+    # up tonight (missing, a symlink, a disk that did not come up), whose last state carries over.
+    left_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check every field, types included, so a bad value fails before any work starts."""
         Source.parse(self.source)
         _check_sources(self.source, self.sources)
+        if not set(self.left_out) <= set(self.sources):
+            raise ConfigError("only some of several sources can be left out of a night")
         if not isinstance(self.excludes, tuple) or not all(isinstance(e, str) for e in self.excludes):
             raise ConfigError("excludes must be a list of strings")
         for pattern in self.excludes:
@@ -188,9 +193,18 @@ class Config:
         return self.sources or (self.source,)
 
     @property
+    def selected(self) -> tuple[tuple[str, bytes], ...]:
+        """Each of several sources backed up tonight (all but ``left_out``): its path, and relative to the top."""
+        return tuple((path, os.fsencode(path).lstrip(b"/")) for path in self.sources if path not in self.left_out)
+
+    @property
     def selection(self) -> tuple[bytes, ...]:
-        """The sources relative to ``source`` (the top, "/"), as rsync ``-R`` and the walk take them; empty for one."""
-        return tuple(os.fsencode(path).lstrip(b"/") for path in self.sources)
+        """The sources relative to ``source`` (the top, "/"), as rsync ``-R`` and the walk take them; empty for one.
+
+        Sources ``left_out`` tonight are not in it: rsync ``--relative`` then
+        leaves their paths in the union untouched.
+        """
+        return tuple(rel for _, rel in self.selected)
 
     @property
     def level(self) -> int | None:
@@ -335,6 +349,8 @@ def _source_setting(data: dict[str, Any]) -> dict[str, Any]:
         return {"source": value}
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"source must be a string or a list of strings, not {value!r}")
+    if len(value) < 2:  # else it would load as that one source, a layout the docs give as a string only
+        raise ConfigError("a list of sources needs at least two; give one source as a string")
     return source_settings(value)
 
 

@@ -325,7 +325,10 @@ def walk_within(rootfd: int, selection: tuple[bytes, ...], *,
                 failed(rel, exc)
                 break
             if keep is not None and not keep(rel, st):
-                break  # as rsync, which sends nothing of a selected path it excludes, parents included
+                # Not as rsync 3.5.0, which sends a selected path below an excluded directory all the same
+                # (only an exclude of the path itself sends nothing of it); a backup never gets here, since an
+                # exclude matching a source or a directory above one is refused (write/source.refuse_bad_excludes).
+                break
             chain.append((rel, st))
             if not stat.S_ISDIR(st.st_mode):
                 break

@@ -28,6 +28,7 @@ from squashfu_fs.errors import (
     InUseError,
     MetricsError,
     PartialBackupError,
+    SourceChangedError,
     SquashfuError,
     UsageError,
     describe,
@@ -50,15 +51,19 @@ from squashfu_fs.write.retention import resquash
 from squashfu_fs.write.seal import list_digests, seal_all
 from squashfu_fs.write.seed import SeedContents, commit_seed
 from squashfu_fs.write.source import (
+    OVERRIDE,
     check_source,
     own_mounts_below,
     probe_remote,
+    refuse_bad_excludes,
     refuse_empty,
     refuse_missing_sources,
     source_excludes,
     source_opened,
     source_states,
+    unavailable_sources,
     walk_source,
+    withdraw_replaced_sources,
 )
 from squashfu_fs.write.union import committed_view, layers_mounted, overlay_union, second_pass, stage_tree
 
@@ -188,9 +193,15 @@ def _backup(root: Path, run: BackupRun, *, dry_run: bool, progress: bool, verbos
             run.metrics_file = config.metrics_file
         if config.origin.remote:
             return  # looked at over ssh once the lock is held and before_backup has run (probe_remote)
-        refuse_missing_sources(config, "nothing was backed up")
+        unavailable: dict[str, str] = {}
+        if config.several and not dry_run:  # a source that cannot be backed up tonight is left out, not refused
+            refuse_bad_excludes(config, "nothing was backed up")
+            unavailable = _unavailable(config)
+        else:
+            refuse_missing_sources(config, "nothing was backed up")
         for source in config.source_paths:  # the root may have been moved since init
-            placement.refuse_root_inside_source(root, Path(source))
+            if source not in unavailable:
+                placement.refuse_root_inside_source(root, Path(source))
 
     with opened_root(root, "backup", write=True, verbose=verbose, check=refuse_source) as opened:
         layout, config, history = opened.layout, opened.config, opened.history
@@ -290,9 +301,10 @@ def _report_problems(log_file: Path, scan: LayerScan, result: rsync.RsyncResult,
                       b"before\n" % (scan.deleted, scan.entries_before))
         log.writelines(b"squashfu: this backup leaves the source %s with fewer than half its entries\n"
                        % os.fsencode(shrunk) for shrunk in scan.shrunk)
+        log.writelines(b"squashfu: " + os.fsencode(withdrawn) + b"\n" for withdrawn in scan.withdrawn)
     if result.status == rsync.VANISHED:  # files deleted while we copied: normal on a live system
         say(verbose, f"some source files vanished during the backup; see {log_file}")
-    missing = []
+    missing = list(scan.withdrawn)
     if result.partial or scan.whiteout_devices:
         unreadable = sum(1 for line in result.errors if not line.startswith("rsync error:"))
         if run is not None:
@@ -316,26 +328,32 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     """rsync the source into a staging upper layer, then squash exactly that."""
     start = time.monotonic()
     say(verbose, "first backup: copying the source into the staging layer")
-    excludes = source_excludes(config)
     remote = config.origin.remote
+    left = _unavailable(config)  # not in the seed: a later night adds each as a new source
+    night = dataclasses.replace(config, left_out=tuple(left))
+    excludes = source_excludes(night)
     with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
         walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
-        states = None if source_fd is None or walked is None else source_states(source_fd, config, walked)
+        states = None if source_fd is None or walked is None else source_states(source_fd, night, walked)
         if remote:
             probe_remote(None, config.source, config.rsh, allow=True)
         try:
             source, rsh = _rsync_source(config)
             result = stage_tree(layout, source, config.excludes, progress=progress, log=log_file, rsh=rsh,
-                                selection=config.selection)
+                                selection=night.selection)
             if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
                 result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
-            copied = None if source_fd is None or walked is None else _copied_entries(
+            left |= withdraw_replaced_sources(layout.staging, night, new=config.sources)
+            night = dataclasses.replace(config, left_out=tuple(left))
+            states = _with_carried(night, states, history)
+            copied = None if source_fd is None or walked is None or left else _copied_entries(
                 source_fd, layout.staging, walked, None, excludes, result, remove=_remove_from_union)
         except BaseException:
             recovery.remove(layout.staging)
             raise
     scan = scan_layer(layout.staging, source=None if remote else Path(config.source),
                       made_devices=result.made_devices)
+    scan = dataclasses.replace(scan, withdrawn=_described(left, history, set(), fresh=True))
     faults.checkpoint("after-rsync")
     say(verbose, f"compressing the seed with {config.compression}")
     contents = SeedContents(time=when.isoformat(timespec="seconds"), rsync_status=result.status,
@@ -398,9 +416,12 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     start = time.monotonic()
     number = history.next_bin
     partial = layout.partial_bin(number)
-    excludes = source_excludes(config)
     remote = config.origin.remote
+    left = _unavailable(config)  # their last state carries over: rsync --relative is not given them
+    night = dataclasses.replace(config, left_out=tuple(left))
+    excludes = source_excludes(night)
     states = None
+    overridable: set[str] = set()
     with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
         walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
         if walked is None:  # a remote source: no walk, no manifest; rsync compares the whole tree every night
@@ -408,10 +429,19 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
             plan = None
         else:
             assert source_fd is not None
-            states = source_states(source_fd, config, walked)
-            moved_fs = check_source(history, config.source, walked, allow_source_change, states)
-            plan = None if full or moved_fs or not excludes.understood else _change_plan(layout, history, config,
-                                                                                         walked)
+            states = _with_carried(night, source_states(source_fd, night, walked), history)
+            moved_fs, problems = check_source(history, config.source, walked, allow_source_change, states)
+            if problems:  # a disk that did not come up: that source is left out too, unless it is every one
+                if len(left) + len(problems) == len(config.sources):
+                    path, why = next(iter(problems.items()))
+                    raise SourceChangedError(f"the source {path} {why}; nothing was backed up; {OVERRIDE}")
+                left |= problems
+                overridable = set(problems)
+                night = dataclasses.replace(config, left_out=tuple(left))
+                states = _with_carried(night, states, history)
+            # a night leaving a source out compares the whole tree: the walk's entries are not all the bin's
+            plan = None if full or moved_fs or left or not excludes.understood else _change_plan(
+                layout, history, config, walked)
         straight = plan is not None and not plan.recheck
         say(verbose, f"backing up into bin {number}" + (
             f": {len(plan.changed)} changed, {len(plan.deleted)} deleted since the last backup" if plan else
@@ -421,10 +451,10 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
         try:
             if straight:
                 assert plan is not None and source_fd is not None and walked is not None
-                result, copied, deleted = _write_into_bin(layout, config, plan, number, source_fd, walked,
+                result, copied, deleted = _write_into_bin(layout, night, plan, number, source_fd, walked,
                                                           progress=progress, verbose=verbose, log_file=log_file)
             else:
-                result, copied, deleted = _write_through_union(layout, history, config, plan, number, source_fd,
+                result, copied, deleted = _write_through_union(layout, history, night, plan, number, source_fd,
                                                                walked, progress=progress, verbose=verbose,
                                                                log_file=log_file)
             if walked is None:  # the listing before may be older than the copy: rsync's own count decides
@@ -433,6 +463,13 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                 # rsync saw the top only if it changed (with several sources, never), but the bin's top is every
                 # view's top
                 result = _copy_top(source_fd, partial, result, log_file)
+            withdrawn = withdraw_replaced_sources(partial, night, new=_never_committed(config, history))
+            if withdrawn:  # what tonight's walk saw of them is not what the bin keeps: compare all tomorrow
+                left |= withdrawn
+                night = dataclasses.replace(config, left_out=tuple(left))
+                states = _with_carried(night, states, history)
+            if left:
+                copied = None
         except BaseException:
             recovery.remove(partial)  # nothing committed; leave no debris either
             raise
@@ -459,8 +496,55 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     _record_manifest(layout, history, config, copied)
     say(verbose, f"committed bin {number}: {scan.files} files, {scan.size} bytes")
     scan = dataclasses.replace(scan, deleted=deleted if plan is not None else result.deleted,
-                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states))
+                               entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states),
+                               withdrawn=_described(left, history, overridable, fresh=False))
     return history, scan, result
+
+
+def _unavailable(config: Config) -> dict[str, str]:
+    """Each of several local sources that cannot be backed up tonight, and why; refused if that is every one.
+
+    The others are backed up and the run exits 3 (docs/operations.md,
+    "Several sources"): a user who owns ``/srv`` must not stop the backup of
+    ``/etc`` by replacing ``/srv/www`` with a symlink.
+    """
+    if not config.several or config.origin.remote:
+        return {}
+    left = unavailable_sources(config)
+    if len(left) == len(config.sources):
+        path, why = next(iter(left.items()))
+        raise UsageError(f"source {path} {why}; nothing was backed up")
+    return left
+
+
+def _with_carried(night: Config, states: tuple[SourceState, ...] | None,
+                  history: History) -> tuple[SourceState, ...] | None:
+    """Tonight's source states: each left-out source keeps its last one (none if it was never backed up)."""
+    if states is None:
+        return None
+    last = history.bins[-1] if history.bins else history.seed
+    before = {state.path: state for state in (last.sources if last else None) or ()}
+    now = {state.path: state for state in states}
+    chosen = [before.get(path) if path in night.left_out else now.get(path) for path in night.sources]
+    return tuple(state for state in chosen if state is not None)
+
+
+def _never_committed(config: Config, history: History) -> set[str]:
+    """The sources no committed layer holds yet: added to the config since the last backup."""
+    last = history.bins[-1] if history.bins else history.seed
+    return set(config.sources) - {state.path for state in (last.sources if last else None) or ()}
+
+
+def _described(left: dict[str, str], history: History, overridable: set[str], *, fresh: bool) -> tuple[str, ...]:
+    """Each source left out tonight as the exit-3 line names it: why, and what the day holds of it instead."""
+    last = history.bins[-1] if history.bins else history.seed
+    known = {state.path for state in (last.sources if last else None) or ()}
+    return tuple(
+        f"the source {path} {why}; "
+        + ("it is not in the seed" if fresh else "its last backed-up state is kept" if path in known else
+           "it is not backed up tonight")
+        + (f"; {OVERRIDE}" if path in overridable else "")
+        for path, why in left.items())
 
 
 def _shrunk(before: tuple[SourceState, ...] | None, now: tuple[SourceState, ...] | None) -> tuple[str, ...]:
@@ -533,8 +617,8 @@ def _write_through_union(layout: RootLayout, history: History, config: Config, p
             return second_pass(args, result, log=log_file, verbose=verbose), None, deleted
         result = _repair_acls(source_fd, union_fd, result, verbose)
         fix_union(source_fd, union_fd, os.fsencode(partial), verbose, config.selection)
-        copied = _copied_entries(source_fd, layout.rw, walked, plan, source_excludes(config), result,
-                                 remove=_remove_from_union)
+        copied = None if config.left_out else _copied_entries(
+            source_fd, layout.rw, walked, plan, source_excludes(config), result, remove=_remove_from_union)
     return result, copied, deleted
 
 

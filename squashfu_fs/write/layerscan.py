@@ -39,6 +39,7 @@ class LayerScan:
     deleted: int = 0  # source entries this backup deletes (contents of a deleted directory included)
     entries_before: int = 0  # source entries at the backup before; 0 when not known
     shrunk: tuple[str, ...] = ()  # several sources: each one left with under half its entries, described
+    withdrawn: tuple[str, ...] = ()  # several sources: each one rsync did not leave a directory, described
 
 
 def scan_layer(top: Path, *, source: Path | None, made_devices: Collection[bytes] = ()) -> LayerScan:
