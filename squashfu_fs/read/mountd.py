@@ -23,7 +23,6 @@ import logging
 import logging.handlers
 import os
 import resource
-import shutil
 import signal
 import sys
 import tempfile
@@ -379,7 +378,7 @@ def unmount_history(mountpoint: Path, *, timeout: float = 10.0) -> None:
     state = state_dir(mountpoint)
     if state.is_dir():  # the daemon was killed: clear what it left
         SeedMounts(RootLayout(Path("/")), state / "seeds").clear()
-        shutil.rmtree(state, ignore_errors=True)
+        readers.remove_state_dir(state)
 
 
 __all__: Sequence[str] = ("daemon_pid", "mount_history", "state_dir", "unmount_history")

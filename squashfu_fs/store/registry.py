@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from squashfu_fs.errors import SquashfuError
+from squashfu_fs.util import beneath
 from squashfu_fs.util.durable import atomic_write
 from squashfu_fs.util.process import alive, process_start_time
 
@@ -164,8 +164,8 @@ def claimed(root: Path, kind: str) -> Iterator[Publish]:
                 dead = not alive(int(record["pid"]), record.get("start"))
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being made right now, or not ours to judge
-            if dead and old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+            if dead:
+                remove_state_dir(old)
     state = home / f"{kind}-{os.getpid()}"
     make_state_dir(state)
     try:
@@ -176,7 +176,24 @@ def claimed(root: Path, kind: str) -> Iterator[Publish]:
 
         yield publish
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        remove_state_dir(state)
+
+
+def remove_state_dir(state: Path) -> None:
+    """Remove a reader's directory below its state root, which is opened without following a symlink.
+
+    A normal user's state root may sit in /tmp (:func:`make_state_dir`); a
+    path removal would follow it wherever someone had pointed it meanwhile.
+    """
+    try:
+        home = os.open(state.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with suppress(OSError):
+            beneath.remove_beneath(home, os.fsencode(state.name))
+    finally:
+        os.close(home)
 
 
 def _state_dirs() -> list[Path]:

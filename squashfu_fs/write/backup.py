@@ -330,7 +330,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
     say(verbose, "first backup: copying the source into the staging layer")
     remote = config.origin.remote
     left = _unavailable(config)  # not in the seed: a later night adds each as a new source
-    night = dataclasses.replace(config, left_out=tuple(left))
+    night = _tonight(config, left)
     excludes = source_excludes(night)
     with contextlib.nullcontext(None) if remote else source_opened(config.source) as source_fd:
         walked = None if source_fd is None else walk_source(source_fd, excludes, log_file, verbose)
@@ -344,7 +344,7 @@ def _make_first_seed(layout: RootLayout, history: History, config: Config, when:
             if config.several and source_fd is not None:  # rsync --relative leaves the top alone: give it
                 result = _copy_top(source_fd, layout.staging, result, log_file)  # "/"'s attributes, as every bin
             left |= withdraw_replaced_sources(layout.staging, night, new=config.sources)
-            night = dataclasses.replace(config, left_out=tuple(left))
+            night = _tonight(config, left)
             states = _with_carried(night, states, history)
             copied = None if source_fd is None or walked is None or left else _copied_entries(
                 source_fd, layout.staging, walked, None, excludes, result, remove=_remove_from_union)
@@ -418,7 +418,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     partial = layout.partial_bin(number)
     remote = config.origin.remote
     left = _unavailable(config)  # their last state carries over: rsync --relative is not given them
-    night = dataclasses.replace(config, left_out=tuple(left))
+    night = _tonight(config, left)
     excludes = source_excludes(night)
     states = None
     overridable: set[str] = set()
@@ -437,7 +437,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                     raise SourceChangedError(f"the source {path} {why}; nothing was backed up; {OVERRIDE}")
                 left |= problems
                 overridable = set(problems)
-                night = dataclasses.replace(config, left_out=tuple(left))
+                night = _tonight(config, left)
                 states = _with_carried(night, states, history)
             # a night leaving a source out compares the whole tree: the walk's entries are not all the bin's
             plan = None if full or moved_fs or left or not excludes.understood else _change_plan(
@@ -466,7 +466,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
             withdrawn = withdraw_replaced_sources(partial, night, new=_never_committed(config, history))
             if withdrawn:  # what tonight's walk saw of them is not what the bin keeps: compare all tomorrow
                 left |= withdrawn
-                night = dataclasses.replace(config, left_out=tuple(left))
+                night = _tonight(config, left)
                 states = _with_carried(night, states, history)
             if left:
                 copied = None
@@ -499,6 +499,11 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
                                entries_before=last.source_entries or 0, shrunk=_shrunk(last.sources, states),
                                withdrawn=_described(left, history, overridable, fresh=False))
     return history, scan, result
+
+
+def _tonight(config: Config, left: dict[str, str]) -> Config:
+    """The config as tonight's rsync and walk see it: without the sources ``left`` out (path: why)."""
+    return dataclasses.replace(config, left_out=tuple(left))
 
 
 def _unavailable(config: Config) -> dict[str, str]:
