@@ -16,6 +16,10 @@ Phases, each on a fresh history under ``--dir``:
 2. ``versions`` of one path across ``--layers`` bins (a 10k tree; the path
    is rewritten every third night), the whole command and in-process.
 
+The queries answer from the layers' catalogues (checked: nothing mounted);
+"mounted" rows run the same query on the root with its catalogues moved
+aside, as a root of older code is read.
+
 Run as root, under the benchmark lock, from the checkout to measure:
 ``flock /tmp/squashfu-bench.lock /work/main/.venv/bin/python bench/bench_queries.py``.
 """
@@ -98,11 +102,38 @@ def warm_walk(root: Path, mp: Path, rounds: int) -> tuple[float, int]:
 
 
 def opening(root: Path, rounds: int) -> float:
-    """Opening every layer of the newest state (the private view and its mounts), with no query."""
+    """Opening every layer of the newest state through the mounts (the private view), with no query."""
     def once() -> None:
         with opened_history(root, "bench", lambda t: t.resolve("latest")):
             pass
     return median(once, rounds)
+
+
+def without_catalogues(root: Path, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run on the root as an older version left it: no catalogues, so the layers are mounted."""
+    def once() -> object:
+        (root / "catalogs").rename(root / "catalogs.off")
+        try:
+            return fn()
+        finally:
+            (root / "catalogs.off").rename(root / "catalogs")
+    return once
+
+
+def from_catalogues(root: Path, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn``, checked to have mounted nothing (answered from the catalogues alone)."""
+    def once() -> object:
+        shutil.rmtree(root / ".rollbacks", ignore_errors=True)
+        out = fn()
+        if (root / ".rollbacks").exists():
+            raise SystemExit("a query mounted the layers although every layer has a catalogue")
+        return out
+    return once
+
+
+def startup(rounds: int) -> float:
+    """The command line's own start: ``squashfu --version``."""
+    return median(lambda: run([*SQUASHFU, "--version"]), rounds)
 
 
 def tree_phase(base: Path, files: int, args: argparse.Namespace) -> dict[str, float]:
@@ -127,11 +158,21 @@ def tree_phase(base: Path, files: int, args: argparse.Namespace) -> dict[str, fl
     out: dict[str, float] = {}
     found = diff_layers(root, a, b, as_json=False)
     out["changes listed"] = len(found.splitlines())
-    out["diff (command)"] = median(lambda: run([*SQUASHFU, "-r", str(root), "diff", a, b]), args.rounds)
-    out["diff (in-process)"] = median(lambda: diff_layers(root, a, b, as_json=False), args.rounds)
-    out["opening the layers"] = opening(root, args.rounds)
-    out["deleted (command)"] = median(lambda: run([*SQUASHFU, "-r", str(root), "deleted"]), args.rounds)
-    out["deleted (in-process)"] = median(lambda: deleted_paths(root, None, as_json=False), args.rounds)
+    out["diff (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "diff", a, b])),
+                                   args.rounds)
+    out["diff (in-process)"] = median(from_catalogues(root, lambda: diff_layers(root, a, b, as_json=False)),
+                                      args.rounds)
+    out["diff, mounted (in-process)"] = median(without_catalogues(root, lambda: diff_layers(root, a, b,
+                                                                                            as_json=False)),
+                                               args.rounds)
+    out["opening the layers (mounts)"] = opening(root, args.rounds)
+    out["deleted (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "deleted"])),
+                                      args.rounds)
+    out["deleted (in-process)"] = median(from_catalogues(root, lambda: deleted_paths(root, None, as_json=False)),
+                                         args.rounds)
+    out["deleted, mounted (in-process)"] = median(without_catalogues(root, lambda: deleted_paths(
+        root, None, as_json=False)), args.rounds)
+    out["command start (--version)"] = startup(args.rounds)
     out["deleted listed"] = len(deleted_paths(root, None, as_json=False).splitlines())
     snaps = [s["short_id"] for s in json.loads(run(["restic", "snapshots", "--json", *restic.pw], restic.env))]
     out["borg diff"] = timed_median(["borg", "diff", f"{borg.repo}::night-{args.nights - 2}",
@@ -168,10 +209,14 @@ def versions_phase(base: Path, args: argparse.Namespace) -> dict[str, float]:
     rel = str(watched.relative_to(src))
     out: dict[str, float] = {"states": layers,
                              "versions listed": len(versions_of(root, rel, as_json=False).splitlines())}
-    out["versions (command)"] = median(lambda: run([*SQUASHFU, "-r", str(root), "versions", rel]), args.rounds)
-    out["versions (in-process)"] = median(lambda: versions_of(root, rel, as_json=False), args.rounds)
-    out["opening the layers"] = opening(root, args.rounds)
-    out["versions, query only"] = out["versions (in-process)"] - out["opening the layers"]
+    out["versions (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "versions",
+                                                                          rel])), args.rounds)
+    out["versions (in-process)"] = median(from_catalogues(root, lambda: versions_of(root, rel, as_json=False)),
+                                          args.rounds)
+    out["versions, mounted (in-process)"] = median(without_catalogues(root, lambda: versions_of(
+        root, rel, as_json=False)), args.rounds)
+    out["opening the layers (mounts)"] = opening(root, args.rounds)
+    out["command start (--version)"] = startup(args.rounds)
     return out
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -74,17 +75,20 @@ def inode_count(image: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def check_image(image: Path, tree: Path, mountpoint: Path) -> None:
+def check_image(image: Path, tree: Path, mountpoint: Path, then: Callable[[Path], object] | None = None) -> None:
     """Refuse an image that does not hold what ``tree`` holds; the image is deleted then.
 
     Before a new seed replaces layers it is mounted on ``mountpoint`` and
     compared with the tree it was made from, entry by entry: the same names,
     types, permissions, owners, sizes and device numbers. Whatever slipped
     past mksquashfs (a read error, a vanished entry) stops the command before
-    anything committed is changed.
+    anything committed is changed. ``then`` is called with the mount point of
+    an image that passed, while it is still mounted (the seed's catalogue).
     """
     with mounts.squashfs_mounted(image, mountpoint):
         problem = _first_difference(os.fsencode(tree), os.fsencode(mountpoint))
+        if problem is None and then is not None:
+            then(mountpoint)
     if problem is not None:
         image.unlink(missing_ok=True)
         raise SquashfuError(f"the new image does not hold what it was made from ({problem}); nothing was changed")

@@ -11,22 +11,21 @@ before it) and keeps those the newest state lacks. Neither walks a day.
 from __future__ import annotations
 
 import itertools
-import os
-import stat
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from squashfu_fs import overlay
 from squashfu_fs.read.history_layers import (
-    BinLayer,
     Facts,
+    Found,
+    HistoryLayers,
     State,
-    changed_fields,
+    Tree,
+    answer,
+    differs,
     facts,
     json_list,
     json_name,
-    opened_history,
     shown,
 )
 from squashfu_fs.read.layerdiff import deletions
@@ -46,7 +45,7 @@ def _when(state: State) -> dict[str, str]:
 
 def deleted_paths(root: Path, path: str | None, *, as_json: bool, verbose: bool = False) -> str:
     """Every path under PATH that a kept backup has and the newest lacks, with when it was last seen."""
-    with opened_history(root, "deleted", _newest, path=path, verbose=verbose) as hist:
+    def query(hist: HistoryLayers) -> list[tuple[bytes, str, State, State]]:
         states = hist.snapshots()
         gone: dict[bytes, tuple[str, State, State]] = {}
         for before, after in itertools.pairwise(states):
@@ -54,7 +53,9 @@ def deleted_paths(root: Path, path: str | None, *, as_json: bool, verbose: bool 
             for change in deletions(before, after, hist.bin(after.spec.top), hist.path):
                 gone[change.path] = (change.type, before, after)  # a later deletion replaces an earlier one
         newest = states[-1]
-        found = sorted((p, *info) for p, info in gone.items() if newest.lookup(p) is None)
+        return sorted((p, *info) for p, info in gone.items() if newest.lookup(p) is None)
+
+    found = answer(root, "deleted", _newest, query, path=path, verbose=verbose)
     if as_json:
         return json_list([{"path": json_name(p), "type": what, "last_backup": _when(last),
                            "first_without": _when(first)} for p, what, last, first in found])
@@ -62,19 +63,14 @@ def deleted_paths(root: Path, path: str | None, *, as_json: bool, verbose: bool 
                    f"gone since {first.snapshot})\n" for p, what, last, first in found)
 
 
-def touches(layer: BinLayer, path: bytes) -> bool:
+def touches(layer: Tree, path: bytes) -> bool:
     """Whether a bin can change ``path``: it holds it, or a whiteout, non-directory or opaque directory above it."""
     parts = path.split(b"/") if path else []
-    here = layer.directory
-    for depth, name in enumerate(parts, 1):
-        here = here + b"/" + name
-        try:
-            st = os.lstat(here)
-        except FileNotFoundError:
+    for depth in range(1, len(parts) + 1):
+        record = layer.get(b"/".join(parts[:depth]))
+        if record is None:
             return False
-        except NotADirectoryError:
-            return False
-        if depth == len(parts) or not stat.S_ISDIR(st.st_mode) or overlay.is_opaque(here, layer.marks):
+        if depth == len(parts) or not record.is_dir or record.opaque:
             return True
     return not parts  # the top: every bin holds it
 
@@ -100,9 +96,9 @@ class Version:
 
 def versions_of(root: Path, path: str, *, as_json: bool, verbose: bool = False) -> str:
     """Every distinct version of PATH in the kept history, oldest first, and the backups that deleted it."""
-    rows: list[Version] = []
-    with opened_history(root, "versions", _newest, path=path, verbose=verbose) as hist:
-        previous: overlay.Entry | None = None
+    def query(hist: HistoryLayers) -> tuple[list[Version], bytes]:
+        rows: list[Version] = []
+        previous: Found | None = None
         for state in hist.snapshots():
             top = state.spec.top
             if top is not None and not touches(hist.bin(top), hist.path):
@@ -111,10 +107,12 @@ def versions_of(root: Path, path: str, *, as_json: bool, verbose: bool = False) 
             if entry is None:
                 if previous is not None:
                     rows.append(Version(state, None))
-            elif previous is None or changed_fields(previous, entry):
+            elif previous is None or differs(hist.path, previous, entry):
                 rows.append(Version(state, facts(entry)))
             previous = entry
-        asked = hist.path
+        return rows, hist.path
+
+    rows, asked = answer(root, "versions", _newest, query, path=path, verbose=verbose)
     if not rows:
         say(True, f"{shown(asked) or '/'} is in no kept backup")
     if as_json:

@@ -12,24 +12,22 @@ subtree on each side is listed too. Neither day is walked
 
 from __future__ import annotations
 
-import os
-import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashfu_fs import overlay
 from squashfu_fs.read.history_layers import (
-    BinLayer,
+    Found,
+    HistoryLayers,
     State,
+    Tree,
+    answer,
     below,
     changed_fields,
     json_list,
     json_name,
     kind,
-    opened_history,
-    related,
     shown,
+    walk_tree,
 )
 from squashfu_fs.store.views import ViewSpec, ViewTable
 
@@ -60,24 +58,7 @@ class Change:
         return out
 
 
-def bin_paths(layer: BinLayer, within: bytes = b"") -> Iterator[tuple[bytes, os.stat_result]]:
-    """Every path a bin holds (whiteouts included), on the way to or below ``within``; directories first."""
-    pending = [b""]
-    while pending:
-        here = pending.pop()
-        directory = layer.directory + b"/" + here if here else layer.directory
-        with os.scandir(directory) as scan:
-            for item in scan:
-                path = here + b"/" + item.name if here else item.name
-                if not related(path, within):
-                    continue
-                st = item.stat(follow_symlinks=False)
-                yield path, st
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append(path)
-
-
-def touched(bins: list[BinLayer], within: bytes = b"") -> tuple[set[bytes], set[bytes]]:
+def touched(bins: list[Tree], within: bytes = b"") -> tuple[set[bytes], set[bytes]]:
     """The paths the bins hold, and those that some bin replaces whole.
 
     A bin replaces what lies below a path where it holds a whiteout, a
@@ -87,14 +68,14 @@ def touched(bins: list[BinLayer], within: bytes = b"") -> tuple[set[bytes], set[
     paths: set[bytes] = set()
     replaced: set[bytes] = set()
     for layer in bins:
-        for path, st in bin_paths(layer, within):
+        for path, record in walk_tree(layer, within):
             paths.add(path)
-            if not stat.S_ISDIR(st.st_mode) or overlay.is_opaque(layer.directory + b"/" + path, layer.marks):
+            if not record.is_dir or record.opaque:
                 replaced.add(path)
     return paths, replaced
 
 
-def changes(before: State, after: State, bins: list[BinLayer], within: bytes = b"") -> list[Change]:
+def changes(before: State, after: State, bins: list[Tree], within: bytes = b"") -> list[Change]:
     """Every path on or below ``within`` that differs from ``before`` to ``after``; ``bins``: the layers between."""
     candidates, replaced = touched(bins, within)
     pending = sorted(candidates)
@@ -120,7 +101,7 @@ def changes(before: State, after: State, bins: list[BinLayer], within: bytes = b
     return out
 
 
-def deletions(before: State, after: State, layer: BinLayer, within: bytes = b"") -> list[Change]:
+def deletions(before: State, after: State, layer: Tree, within: bytes = b"") -> list[Change]:
     """What ``after`` (``before`` with the bin ``layer`` on top) lacks of ``before``, on or below ``within``.
 
     Whatever the top bin holds, other than a whiteout, is in ``after``; so
@@ -129,34 +110,34 @@ def deletions(before: State, after: State, layer: BinLayer, within: bytes = b"")
     below and removes nothing: it is not even looked up.
     """
     gone: dict[bytes, Change] = {}
-    for path, st in bin_paths(layer, within):
-        if stat.S_ISDIR(st.st_mode) and not overlay.is_opaque(layer.directory + b"/" + path, layer.marks):
+    for path, record in walk_tree(layer, within):
+        if record.is_dir and not record.opaque:
             continue
         a = before.lookup(path)
         if a is None:
             continue
-        if overlay.is_whiteout(st) and below(path, within):
-            gone[path] = Change(path, "deleted", kind(a.st.st_mode))
+        if record.is_whiteout and below(path, within):
+            gone[path] = Change(path, "deleted", kind(a.mode))
         if a.is_dir:
             for child, entry in before.walk(path, within):
                 if child not in gone and below(child, within) and after.lookup(child) is None:
-                    gone[child] = Change(child, "deleted", kind(entry.st.st_mode))
+                    gone[child] = Change(child, "deleted", kind(entry.mode))
     return sorted(gone.values(), key=lambda c: c.path)
 
 
-def compare(path: bytes, a: overlay.Entry | None, b: overlay.Entry | None) -> Change | None:
+def compare(path: bytes, a: Found | None, b: Found | None) -> Change | None:
     """How ``path`` changed from ``a`` to ``b`` (None: absent on both sides, or identical)."""
     if a is None and b is None:
         return None
     if a is None:
         assert b is not None
-        return Change(path, "added", kind(b.st.st_mode))
+        return Change(path, "added", kind(b.mode))
     if b is None:
-        return Change(path, "deleted", kind(a.st.st_mode))
-    fields = changed_fields(a, b)
+        return Change(path, "deleted", kind(a.mode))
+    fields = changed_fields(path, a, b)
     if not fields:
         return None
-    ka, kb = kind(a.st.st_mode), kind(b.st.st_mode)
+    ka, kb = kind(a.mode), kind(b.mode)
     return Change(path, "modified", kb, ka if ka != kb else None, tuple(fields))
 
 
@@ -172,11 +153,13 @@ def diff_layers(root: Path, view_a: str, view_b: str, *, as_json: bool, verbose:
         a, b = table.resolve(view_a), table.resolve(view_b)
         return a if len(a.bins) >= len(b.bins) else b
 
-    with opened_history(root, "diff", newest, verbose=verbose) as hist:
+    def query(hist: HistoryLayers) -> list[Change]:
         spec_a, spec_b = hist.table.resolve(view_a), hist.table.resolve(view_b)
         older, newer = sorted((spec_a, spec_b), key=lambda s: len(s.bins))
         bins = [hist.bin(n) for n in between(older, newer)]
-        found = changes(hist.state(spec_a), hist.state(spec_b), bins)
+        return changes(hist.state(spec_a), hist.state(spec_b), bins)
+
+    found = answer(root, "diff", newest, query, verbose=verbose)
     if as_json:
         return json_list([c.as_dict() for c in found])
     lines = []

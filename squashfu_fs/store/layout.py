@@ -81,6 +81,17 @@ class RootLayout:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def catalogs(self) -> Path:
+        """Each layer's catalogue of entries, for the history queries (docs/layout.md, "Catalogues")."""
+        return self.root / "catalogs"
+
+    def bin_catalog(self, number: int) -> Path:
+        return self.catalogs / f"bin-{number}.db"
+
+    def seed_catalog(self, generation: int) -> Path:
+        return self.catalogs / f"seed-{generation}.db"
+
     def bin(self, number: int) -> Path:
         return self.bins / str(number)
 
@@ -129,4 +140,5 @@ class RootLayout:
 
     def skeleton(self) -> list[Path]:
         """The directories ``init`` creates."""
-        return [self.bins, self.ro, self.rw, self.merged, self.work, self.empty, self.logs, self.layer_mounts]
+        return [self.bins, self.ro, self.rw, self.merged, self.work, self.empty, self.logs, self.layer_mounts,
+                self.catalogs]

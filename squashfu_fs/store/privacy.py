@@ -18,9 +18,9 @@ from pathlib import Path
 
 from squashfu_fs.errors import SquashfuError, UsageError
 
-# Directories whose regular files are squashfu's own (bins/N.opaque, logs/*.log).
+# Directories whose regular files are squashfu's own (bins/N.opaque, logs/*.log, catalogs/*.db).
 # bins/N/ themselves are not touched: a bin's top directory carries the source root's mode.
-_FILES_INSIDE = ("bins", "logs")
+_FILES_INSIDE = ("bins", "logs", "catalogs")
 # The staging upper's top directory also carries the source root's mode, into the next seed.
 _LEAVE = (".staging",)
 

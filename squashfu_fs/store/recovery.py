@@ -64,6 +64,7 @@ def recover(layout: RootLayout, history: History) -> list[str]:
         if stale_image or name in (layout.history.name + ".tmp", layout.manifest.name + ".tmp"):
             remove(Path(entry.path))
             removed.append(f"stale file {name}")
+    removed += _stale_catalogs(layout, history)
     for scratch in (layout.work, layout.staging):
         if scratch.exists() and any(scratch.iterdir()):
             remove(scratch)
@@ -96,6 +97,21 @@ def _stale_rollbacks(layout: RootLayout) -> list[str]:
     return removed
 
 
+def _stale_catalogs(layout: RootLayout, history: History) -> list[str]:
+    """Remove every catalogue whose layer history does not name (only queries read them, each an open file)."""
+    if not layout.catalogs.is_dir():
+        return []
+    keep = {layout.bin_catalog(b.number).name for b in history.bins}
+    if history.seed is not None:
+        keep.add(layout.seed_catalog(history.seed.generation).name)
+    removed = []
+    for entry in os.scandir(layout.catalogs):
+        if entry.name not in keep:
+            remove(Path(entry.path))
+            removed.append(f"stale catalogue {entry.name}")
+    return removed
+
+
 def remove_bin(layout: RootLayout, number: int) -> None:
     """Delete bin ``number`` in any form (directory, image) and its records; a directory is renamed away first.
 
@@ -113,7 +129,8 @@ def remove_bin(layout: RootLayout, number: int) -> None:
         pass
     else:
         remove(gone)
-    for record in (layout.sealed_bin(number), layout.opaque_record(number), layout.digest_list(number)):
+    for record in (layout.sealed_bin(number), layout.opaque_record(number), layout.digest_list(number),
+                   layout.bin_catalog(number)):
         record.unlink(missing_ok=True)
 
 

@@ -46,7 +46,7 @@ from squashfu_fs.util.say import say
 from squashfu_fs.write import changes, into_bin, unionfix
 from squashfu_fs.write.excludes import Excludes
 from squashfu_fs.write.hooks import Hooks
-from squashfu_fs.write.layerscan import LayerScan, record_opaque_dirs, scan_layer
+from squashfu_fs.write.layerscan import LayerScan, record_catalog, record_opaque_dirs, scan_layer
 from squashfu_fs.write.retention import resquash
 from squashfu_fs.write.seal import list_digests, seal_all
 from squashfu_fs.write.seed import SeedContents, commit_seed
@@ -476,6 +476,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     faults.checkpoint("after-rsync")
     scan = scan_layer(partial, source=None if remote else Path(config.source), made_devices=result.made_devices)
     record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
+    record_catalog(layout, number, partial, scan)  # so is its catalogue
     kept_open = not config.seal or bool(scan.acl_paths)  # stays a directory: list its files' digests
     listed = list_digests(layout, partial, number) if kept_open else None
     syncfs(partial)

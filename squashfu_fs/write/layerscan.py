@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from squashfu_fs import overlay as layerstack
+from squashfu_fs.store import catalog
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import beneath
 from squashfu_fs.write import unionfix
@@ -103,3 +104,8 @@ def scan_layer(top: Path, *, source: Path | None, made_devices: Collection[bytes
 def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None:
     """List bin N's opaque directories beside it, even none: readers trust a record instead of probing xattrs."""
     layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
+
+
+def record_catalog(layout: RootLayout, number: int, top: Path, scan: LayerScan) -> None:
+    """Catalogue bin N's entries, each file's digest measured while its bytes are fresh (store/catalog.py)."""
+    catalog.write(layout.bin_catalog(number), top, opaque_dirs=scan.opaque_dirs, digests=True)

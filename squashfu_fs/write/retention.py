@@ -15,7 +15,7 @@ from pathlib import Path
 
 from squashfu_fs.engines.run import require, require_root
 from squashfu_fs.errors import InUseError, UsageError
-from squashfu_fs.store import layers, recovery
+from squashfu_fs.store import catalog, layers, recovery
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
@@ -68,10 +68,14 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                             source_device=newest.source_device, source_fsid=newest.source_fsid,
                             source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb,
                             sources=newest.sources)
-    history = commit_seed(layout, history, config,
-                          merged_tree(layout, old_seed, absorbed_bins, restage=escaped, progress=progress),
-                          contents=contents, started=start, progress=progress, checkpoint="after-resquash-commit",
-                          remaining=tuple(b for b in history.bins if b.number not in absorb))
+    merged_catalogs = [layout.bin_catalog(n) for n in reversed(absorb)] + [layout.seed_catalog(old_seed.generation)]
+    with catalog.opened(merged_catalogs) as known:
+        history = commit_seed(layout, history, config,
+                              merged_tree(layout, old_seed, absorbed_bins, restage=escaped, progress=progress),
+                              contents=contents, started=start, progress=progress,
+                              checkpoint="after-resquash-commit",
+                              remaining=tuple(b for b in history.bins if b.number not in absorb),
+                              carry=None if known is None else _carried(known))
     # A mounted view must never read another day's data: give readers a moment to load the new
     # history, then leave what a live view still reads (a cwd in an absorbed day) for a later
     # writer's recovery to delete once nobody reads it.
@@ -90,11 +94,30 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     for number in absorb:
         if number not in kept:
             recovery.remove_bin(layout, number)
+    layout.seed_catalog(old_seed.generation).unlink(missing_ok=True)  # only queries read it, through an open file
     if old_seed.file not in held_seeds:
         layout.seed(old_seed.file).unlink(missing_ok=True)
     fsync_dir(layout.bins)
     fsync_dir(layout.root)
     return history
+
+
+def _carried(newest_first: list[catalog.Catalog]) -> catalog.Carry:
+    """A new seed's file digests from the catalogues of the layers it merges (no file read twice).
+
+    A file the merge shows comes from the newest layer that holds its path
+    (what hides it in an older one is newer still), so that layer's record
+    is the one to trust, and only when it describes the same file.
+    """
+    def carry(rel: bytes, record: catalog.Record) -> bytes | None:
+        for known in newest_first:
+            old = known.get(rel)
+            if old is not None:
+                same = (old.mode, old.size, old.mtime, old.uid, old.gid) == (
+                    record.mode, record.size, record.mtime, record.uid, record.gid)
+                return old.digest if same else None
+        return None
+    return carry
 
 
 def _refuse_if_in_use(layout: RootLayout, absorb: set[int]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from squashfu_fs.engines import mksquashfs as squash
+from squashfu_fs.store import catalog
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import Bin, History, Seed, SourceState
@@ -42,19 +43,25 @@ class SeedContents:
 
 def commit_seed(layout: RootLayout, history: History, config: Config, tree: AbstractContextManager[Path], *,
                 contents: SeedContents, started: float, progress: bool, checkpoint: str,
-                remaining: tuple[Bin, ...] | None = None) -> History:
+                remaining: tuple[Bin, ...] | None = None, carry: catalog.Carry | None = None) -> History:
     """Squash the tree ``tree`` yields into the next seed, check it, and commit it with ``remaining`` bins.
 
     ``tree`` is entered only while the image is made and checked (a resquash
     mounts its merge for that long). ``started`` is the command's
     ``time.monotonic()`` at its start; ``checkpoint`` names the fault point
-    right after the commit. Returns the committed history.
+    right after the commit. The image's catalogue is written while it is
+    mounted for the check; ``carry`` gives the file digests already known
+    (a resquash's), the others are measured. Returns the committed history.
     """
     generation = history.seed.generation + 1 if history.seed else 1
     tmp = layout.temp_seed(generation)
+
+    def catalogue(mounted: Path) -> None:
+        catalog.write(layout.seed_catalog(generation), mounted, digests=True, carry=carry)
+
     with tree as top:
         squash.make_image(top, tmp, config, progress=progress)
-        squash.check_image(tmp, top, layout.rw)
+        squash.check_image(tmp, top, layout.rw, then=catalogue)
     image_digest = digest.of_file(tmp)
     name = RootLayout.seed_name(generation)
     image = layout.seed(name)
