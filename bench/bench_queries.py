@@ -234,6 +234,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (loop and overlay mounts)")
+    # An installed squashfu runs from compiled bytecode; without it every command would compile its modules.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     prepare_dir(args.dir)
     try:
         kernel = subprocess.run(["uname", "-r"], capture_output=True, text=True, check=False).stdout.strip()

@@ -26,7 +26,6 @@ from typing import Protocol, TypeVar
 from squashfu_fs import overlay
 from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import UsageError
-from squashfu_fs.read.rollback import private_view
 from squashfu_fs.store import catalog, layers
 from squashfu_fs.store.catalog import Record
 from squashfu_fs.store.opening import opened_root
@@ -393,6 +392,8 @@ def opened_history(root: Path, command: str, choose: Callable[[ViewTable], ViewS
     from the history that is current. ``path`` comes back as ``hist.path``,
     relative to the source's top.
     """
+    from squashfu_fs.read.rollback import private_view  # only a root without catalogues mounts: a lighter start
+
     require_root(command)
     with opened_root(root, command, write=False) as opened:
         relative = b"" if path is None else source_path(path, opened.config.origin.path)
