@@ -213,3 +213,40 @@ def test_bad_input_is_one_line_and_its_exit_status(tree: tuple[Path, Path], scra
         assert "not a squashfu backup root" in one_line(proc)
     assert not mounts.mounts_below(root)
     assert not (root / ".rollbacks").exists(), "answered from the catalogues: nothing is mounted"
+
+
+def test_a_damaged_or_missing_catalogue_is_read_around_through_the_mounts(tree: tuple[Path, Path]) -> None:
+    """Catalogues are derived data: one that is garbage, truncated or gone changes no answer, only the way."""
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("ALPHA\n")  # the same size: only the bytes tell
+    (src / "many").mkdir()
+    for i in range(3000):  # a catalogue of many pages, so that damage can lie past the ones opening reads
+        (src / "many" / f"f{i:04d}").write_text("x")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    (src / "docs" / "b.txt").unlink()
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    queries = [("diff", "mon", "latest", "--json"), ("deleted", "--json"), ("versions", "docs/a.txt", "--json")]
+    want = [squashfu("-r", root, *q).stdout for q in queries]
+    assert not (root / ".rollbacks").exists()
+    changed = {c["path"]: (c["change"], c.get("fields")) for c in json.loads(want[0])
+               if not c["path"].startswith("many")}
+    assert changed == {"docs": ("modified", ["mtime"]), "docs/a.txt": ("modified", ["mtime", "content"]),
+                       "docs/b.txt": ("deleted", None)}
+    seed_catalogue = root / "catalogs" / "seed-1.db"
+    original = seed_catalogue.read_bytes()
+    for damage in (b"not a database at all", original[: len(original) // 2], original[:4096] + b"\xff" * 8192):
+        seed_catalogue.write_bytes(damage)
+        for query, expected in zip(queries, want, strict=True):
+            assert squashfu("-r", root, *query).stdout == expected, (query, damage[:20])
+    bin_catalogue = root / "catalogs" / "bin-1.db"
+    pages = bin_catalogue.read_bytes()
+    assert len(pages) > 8 * 4096
+    bin_catalogue.write_bytes(pages[:3 * 4096] + b"\xff" * (len(pages) - 3 * 4096))  # its rows, not its schema
+    for query, expected in zip(queries, want, strict=True):
+        assert squashfu("-r", root, *query).stdout == expected, query
+    bin_catalogue.write_bytes(pages)
+    seed_catalogue.unlink()
+    for query, expected in zip(queries, want, strict=True):
+        assert squashfu("-r", root, *query).stdout == expected, query
+    assert (root / ".rollbacks").exists() and not list((root / ".rollbacks").iterdir())
+    assert not mounts.mounts_below(root)

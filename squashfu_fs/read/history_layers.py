@@ -30,6 +30,7 @@ from squashfu_fs.store import catalog, layers
 from squashfu_fs.store.catalog import Record
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import ViewSpec, ViewTable
+from squashfu_fs.util.say import say
 
 KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"), (stat.S_ISCHR, "char"),
          (stat.S_ISBLK, "block"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"))
@@ -376,6 +377,9 @@ def answer(root: Path, command: str, choose: Callable[[ViewTable], ViewSpec], qu
             try:
                 return query(hist)
             except Undecided:
+                break
+            except catalog.CatalogError as exc:  # derived data: read the layers themselves instead
+                say(verbose, f"{exc}; reading the layers through their mounts")
                 break
     with opened_history(root, command, choose, path=path, verbose=verbose) as hist:
         return query(hist)

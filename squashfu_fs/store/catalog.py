@@ -210,14 +210,20 @@ class Catalog:
     def get(self, rel: bytes) -> Record | None:
         """The entry at ``rel`` (b"" the layer's top), or None when the layer does not hold it."""
         parent, _, name = rel.rpartition(b"/")
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM entry WHERE parent = ? AND name = ?",
-                               (parent, name)).fetchone()
-        return None if row is None else _row(row)
+        try:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM entry WHERE parent = ? AND name = ?",
+                                   (parent, name)).fetchone()
+            return None if row is None else _row(row)
+        except (sqlite3.Error, ValueError) as exc:
+            raise CatalogError(f"{self.path.name} is damaged: {exc}") from exc
 
     def children(self, rel: bytes) -> list[tuple[bytes, Record]]:
         """Each entry directly below the directory ``rel``, by name."""
-        rows = self._db.execute(f"SELECT name, {_COLUMNS} FROM entry WHERE parent = ? AND name != x''", (rel,))
-        return [(row[0], _row(row[1:])) for row in rows]
+        try:
+            rows = self._db.execute(f"SELECT name, {_COLUMNS} FROM entry WHERE parent = ? AND name != x''", (rel,))
+            return [(row[0], _row(row[1:])) for row in rows]
+        except (sqlite3.Error, ValueError) as exc:
+            raise CatalogError(f"{self.path.name} is damaged: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
