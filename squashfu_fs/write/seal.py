@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from squashfu_fs import overlay
 from squashfu_fs.engines import mksquashfs as squash
-from squashfu_fs.store import digests, layers, recovery, rollbacks
+from squashfu_fs.store import catalog, digests, layers, recovery, rollbacks
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import registry as readers
 from squashfu_fs.store.config import Config
@@ -62,7 +63,7 @@ def seal_bin(layout: RootLayout, history: History, config: Config, number: int, 
     tree, tmp, image = layout.bin(number), layout.temp_sealed_bin(number), layout.sealed_bin(number)
     say(verbose, f"sealing bin {number} with {config.compression}")
     squash.make_image(tree, tmp, config)
-    squash.check_image(tmp, tree, layout.merged)
+    squash.check_image(tmp, tree, layout.merged, then=lambda mounted: _recatalogue(layout, number, mounted))
     faults.checkpoint("seal-image-made")
     image_digest = digest.of_file(tmp)
     tmp.replace(image)
@@ -84,6 +85,32 @@ def seal_bin(layout: RootLayout, history: History, config: Config, number: int, 
     faults.checkpoint("seal-done")
     say(verbose, f"sealed bin {number}: {sealed.bytes} bytes in {sealed.image_bytes} bytes of image")
     return history
+
+
+def _recatalogue(layout: RootLayout, number: int, image: Path) -> None:
+    """Catalogue bin N again from its new image, mounted for the check: what its readers will see from now on.
+
+    An image keeps what the directory held except what SquashFS cannot store
+    as it is (an mtime before 1970 or after 2106 is kept modulo 2**32), and
+    the queries must answer as the sealed layer reads. The files' digests are
+    carried from the directory's catalogue (the image was just made from
+    those very files). A bin without a catalogue (an older root's) stays
+    without one.
+    """
+    with catalog.opened([layout.bin_catalog(number)]) as known:
+        if known is None:
+            return
+        (before,) = known
+
+        def carry(rel: bytes, record: catalog.Record) -> bytes | None:
+            old = before.get(rel)
+            same = old is not None and (old.mode, old.size, old.uid, old.gid) == (
+                record.mode, record.size, record.uid, record.gid)
+            return old.digest if same and old is not None else None
+
+        catalog.write(layout.bin_catalog(number), image,
+                      opaque_dirs=overlay.read_opaque_record(layout.opaque_record(number)), digests=True,
+                      carry=carry)
 
 
 def list_digests(layout: RootLayout, top: Path, number: int) -> str:
