@@ -25,6 +25,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from squashfu_fs import overlay
@@ -108,11 +109,22 @@ def _unpack(raw: bytes) -> Xattrs:
         v = int.from_bytes(raw[at:at + 4], "big")
         out.append((name, raw[at + 4:at + 4 + v]))
         at += 4 + v
+    if at != len(raw):
+        raise ValueError("xattrs cut short")
     return tuple(out)
 
 
-def _row(row: tuple[int, int, int, int, int, int, bytes, bytes, bytes | None, int]) -> Record:
+def _row(row: tuple[Any, ...]) -> Record:
+    """A record from its columns, refused (ValueError) when they are not of the types written.
+
+    SQLite keeps no checksums: a damaged page can hold values of another
+    type, which must end in the layers' mounts, not in a traceback.
+    """
     mode, uid, gid, mtime, size, rdev, target, xattrs, digest, opaque = row
+    numbers = (mode, uid, gid, mtime, size, rdev, opaque)
+    if not (all(type(n) is int for n in numbers) and type(target) is bytes and type(xattrs) is bytes
+            and (digest is None or (type(digest) is bytes and len(digest) == 32))):
+        raise ValueError("a row of the wrong types")
     return Record(mode, uid, gid, mtime, size, rdev, target, _unpack(xattrs) if xattrs else (), digest, bool(opaque))
 
 
@@ -213,6 +225,8 @@ class Catalog:
         try:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM entry WHERE parent = ? AND name = ?",
                                    (parent, name)).fetchone()
+            if row is None and not rel:
+                raise ValueError("the layer's top is not listed")
             return None if row is None else _row(row)
         except (sqlite3.Error, ValueError) as exc:
             raise CatalogError(f"{self.path.name} is damaged: {exc}") from exc
@@ -221,12 +235,18 @@ class Catalog:
         """Each entry directly below the directory ``rel``, by name."""
         try:
             rows = self._db.execute(f"SELECT name, {_COLUMNS} FROM entry WHERE parent = ? AND name != x''", (rel,))
-            return [(row[0], _row(row[1:])) for row in rows]
+            return [(_name(row[0]), _row(row[1:])) for row in rows]
         except (sqlite3.Error, ValueError) as exc:
             raise CatalogError(f"{self.path.name} is damaged: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
+
+
+def _name(name: object) -> bytes:
+    if type(name) is not bytes or not name or b"/" in name:
+        raise ValueError("a name that is no file name")
+    return name
 
 
 class CatalogError(Exception):

@@ -1,0 +1,55 @@
+"""A catalogue damaged in ways SQLite cannot notice (it keeps no checksums) is a CatalogError, never a traceback.
+
+``answer`` reads the layers through their mounts on a CatalogError
+(read/history_layers.py); any other exception out of a query is an internal
+error, and a wrong value read as if it were right is a wrong answer.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from squashfu_fs.read.history_layers import CatalogTree, State
+from squashfu_fs.read.layerdiff import changes
+from squashfu_fs.store import catalog
+from squashfu_fs.store.views import ViewSpec
+
+DAMAGE = {
+    "the top's row lost": "DELETE FROM entry WHERE parent = x'' AND name = x''",
+    "a mode read as text": "UPDATE entry SET mode = 'x' WHERE name = x'66'",
+    "a name read as text": "UPDATE entry SET name = 'f' WHERE name = x'66'",
+    "xattrs cut short": "UPDATE entry SET xattrs = x'000000' WHERE name = x'66'",
+    "a digest cut short": "UPDATE entry SET digest = x'0102' WHERE name = x'66'",
+    "a size read as a float": "UPDATE entry SET size = 1.5 WHERE name = x'66'",
+}
+
+
+def _layer(tmp_path: Path, name: str, data: bytes) -> Path:
+    top = tmp_path / name
+    (top / "d").mkdir(parents=True)
+    (top / "f").write_bytes(data)
+    (top / "d" / "g").write_bytes(data)
+    os.setxattr(top / "f", "user.k", b"v")
+    db = tmp_path / f"{name}.db"
+    catalog.write(db, top, digests=True)
+    return db
+
+
+@pytest.mark.parametrize("sql", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_row_is_a_catalogue_error(tmp_path: Path, sql: str) -> None:
+    seed, top = _layer(tmp_path, "L0", b"seed"), _layer(tmp_path, "L1", b"newer!")
+    db = sqlite3.connect(top)
+    db.execute(sql)
+    db.commit()
+    db.close()
+    trees = [CatalogTree(None, catalog.Catalog(seed)), CatalogTree(1, catalog.Catalog(top))]
+    with pytest.raises(catalog.CatalogError):
+        before = State(ViewSpec("0", (), datetime(2026, 11, 2)), "0", [trees[0]])
+        after = State(ViewSpec("1", (1,), datetime(2026, 11, 3)), "1", [trees[1], trees[0]])
+        changes(before, after, [trees[1]])
+        list(after.walk(b""))
