@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from .harness import sealed, squashfu
+from .harness import CLI, backup_paused_in_rsync, history, sealed, squashfu
 
 pytestmark = pytest.mark.mounts
 
@@ -47,3 +50,51 @@ def test_an_mtime_a_sealed_image_cannot_keep_is_answered_as_the_image_keeps_it(s
     _without_catalogues(root)
     from_mounts = _answers(root, queries)
     assert from_catalogues == from_mounts
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_query_that_read_history_before_a_resquash_answers_beside_the_next_backup(
+        tree: tuple[Path, Path]) -> None:
+    """docs/commands.md, "diff": they run beside a backup, and read the history again when a catalogue vanished.
+
+    The query stops right after reading history; a resquash then merges a bin
+    it named (deleting that bin's catalogue and the old seed's), and a backup
+    takes the lock. The query must answer from the catalogues of the history
+    now current, not fall back to mounting (refused while the backup holds
+    the lock).
+    """
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("tuesday\n")
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    (src / "docs" / "b.txt").unlink()
+    squashfu("-r", root, "backup", now="2026-11-04T02:00")
+    query = ("diff", "tue", "wed", "--json")
+    want = squashfu("-r", root, *query).stdout
+    env = {**os.environ, "SQUASHFU_FAULT": "query-history-read", "SQUASHFU_FAULT_ACTION": "stop"}
+    paused = subprocess.Popen([*CLI, "-r", str(root), *query], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    backup = None
+    try:
+        deadline = time.monotonic() + 30
+        while not _stopped(paused.pid):
+            assert time.monotonic() < deadline and paused.poll() is None, "the query never read history"
+            time.sleep(0.05)
+        config = root / "squashfu.toml"
+        config.write_text(config.read_text().replace("min_bins = 7", "min_bins = 1"))
+        squashfu("-r", root, "resquash")
+        assert [b["number"] for b in history(root)["bins"]] == [2]
+        backup = backup_paused_in_rsync(root, 60, now="2026-11-05T02:00")
+        os.kill(paused.pid, signal.SIGCONT)
+        out, err = paused.communicate(timeout=50)
+        assert paused.returncode == 0, err
+        assert out == want
+    finally:
+        if paused.poll() is None:
+            os.killpg(paused.pid, signal.SIGKILL)
+            paused.wait()
+        if backup is not None and backup.poll() is None:
+            os.killpg(backup.pid, signal.SIGKILL)
+            backup.wait()

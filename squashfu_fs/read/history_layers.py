@@ -30,6 +30,7 @@ from squashfu_fs.store import catalog, layers
 from squashfu_fs.store.catalog import Record
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import ViewSpec, ViewTable
+from squashfu_fs.util import faults
 from squashfu_fs.util.say import say
 
 KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"), (stat.S_ISCHR, "char"),
@@ -353,20 +354,26 @@ def answer(root: Path, command: str, choose: Callable[[ViewTable], ViewSpec], qu
     """``query`` over every kept state up to the one ``choose`` picks: from the catalogues when every layer
     has one and they decide it, else over the layers mounted in a private view."""
     require_root(command)
-    for _ in range(3):  # a resquash may delete a catalogue between reading history and opening it
+    seen = None  # the history generation whose catalogues were found missing
+    for attempt in range(3):  # a resquash may delete a catalogue between reading history and opening it
         with opened_root(root, command, write=False) as opened:
             relative = b"" if path is None else source_path(path, opened.config.origin.path)
             history = opened.history
             table = ViewTable.from_history(history)
             spec = choose(table)  # a wrong name is refused before anything is read
             layout = opened.layout
+        if not attempt:
+            faults.checkpoint("query-history-read")
         if history.seed is None:
             break
         wanted: list[int | None] = [None, *spec.bins]
         paths = [layout.seed_catalog(history.seed.generation) if n is None else layout.bin_catalog(n)
                  for n in wanted]
         if not all(p.is_file() for p in paths):
-            break  # a root of older code (or a copy): read through the mounts
+            if seen == history.generation:
+                break  # a root of older code (or a copy): read through the mounts
+            seen = history.generation  # or a resquash deleted it meanwhile: read history again
+            continue
         with catalog.opened(paths) as opened_catalogs:
             if opened_catalogs is None:
                 continue
