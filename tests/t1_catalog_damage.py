@@ -53,3 +53,15 @@ def test_a_damaged_row_is_a_catalogue_error(tmp_path: Path, sql: str) -> None:
         after = State(ViewSpec("1", (1,), datetime(2026, 11, 3)), "1", [trees[1], trees[0]])
         changes(before, after, [trees[1]])
         list(after.walk(b""))
+
+
+def test_a_catalogue_under_a_name_that_is_not_utf8_opens(tmp_path: Path) -> None:
+    """A root may lie below a directory whose name is not UTF-8 (names are bytes end to end)."""
+    where = tmp_path / os.fsdecode(b"caf\xe9 #?%20")
+    where.mkdir()
+    db = _layer(where, "L0", b"seed")
+    opened = catalog.open_all([db])
+    assert opened is not None
+    record = opened[0].get(b"f")
+    assert record is not None and record.size == 4
+    opened[0].close()

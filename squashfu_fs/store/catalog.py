@@ -208,7 +208,7 @@ class Catalog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(f"file:{quote(os.fspath(path))}?mode=ro&immutable=1", uri=True,
+        self._db = sqlite3.connect(f"file:{quote(os.fsencode(path))}?mode=ro&immutable=1", uri=True,
                                    check_same_thread=False)
         try:
             (version,) = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
