@@ -156,7 +156,7 @@ def write(dest: Path, top: Path, *, opaque_dirs: tuple[bytes, ...] = (), digests
         rows = []
         for rel, path, record in _walk(os.fsencode(top), opaque):
             if stat.S_ISREG(record.mode):
-                known = carry(rel, record) if carry is not None else None
+                known = _carried(carry, rel, record)
                 record = _with_digest(record, known if known is not None or not digests else content_digest(path))
             parent, _, name = rel.rpartition(b"/")
             rows.append((parent, name, record.mode, record.uid, record.gid, record.mtime, record.size, record.rdev,
@@ -178,6 +178,16 @@ def write(dest: Path, top: Path, *, opaque_dirs: tuple[bytes, ...] = (), digests
     os.replace(tmp, dest)
     fsync_dir(dest.parent)
     return count
+
+
+def _carried(carry: Carry | None, rel: bytes, record: Record) -> bytes | None:
+    """The digest ``carry`` offers; none when the catalogue it reads is damaged (derived data never fails a write)."""
+    if carry is None:
+        return None
+    try:
+        return carry(rel, record)
+    except CatalogError:
+        return None
 
 
 def _with_digest(record: Record, digest: bytes | None) -> Record:
