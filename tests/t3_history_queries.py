@@ -218,7 +218,9 @@ def test_bad_input_is_one_line_and_its_exit_status(tree: tuple[Path, Path], scra
 def test_a_damaged_or_missing_catalogue_is_read_around_through_the_mounts(tree: tuple[Path, Path]) -> None:
     """Catalogues are derived data: one that is garbage, truncated or gone changes no answer, only the way."""
     src, root = tree
+    was = (src / "docs" / "a.txt").stat().st_mtime
     (src / "docs" / "a.txt").write_text("ALPHA\n")  # the same size: only the bytes tell
+    os.utime(src / "docs" / "a.txt", (was + 10, was + 10))  # a whole second apart even after a fast first backup
     (src / "many").mkdir()
     for i in range(3000):  # a catalogue of many pages, so that damage can lie past the ones opening reads
         (src / "many" / f"f{i:04d}").write_text("x")
