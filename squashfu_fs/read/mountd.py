@@ -24,6 +24,7 @@ import logging.handlers
 import os
 import resource
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -50,6 +51,9 @@ READ_AHEAD_KB = 1024  # 1 MiB read requests instead of 128 KiB: about twice the 
 DAEMON_UMASK = 0o077  # what the daemon creates (its state, its log) is private
 FUSE_OPTIONS = ("fsname=squashfu", "subtype=squashfu", "ro", "default_permissions", "nosuid", "nodev")
 _READY = b"ready"
+# SquashFS 4 superblock: magic at 0, bytes_used at 40, inode_table_start at 64 (little-endian).
+_SQUASHFS_MAGIC = 0x73717368
+_SUPERBLOCK = struct.Struct("<I36xQ16xQ")
 
 
 # --------------------------------------------------------------------------- state
@@ -98,6 +102,7 @@ class SeedMounts:
                 run(["squashfuse_ll", "-o", "ro,nosuid,nodev,noexec", image, target],
                     what=f"mounting {image} with squashfuse_ll")
         log.info("seed %s mounted on %s", file_name, target)
+        prefetch_metadata(image)
         return os.fsencode(target)
 
     def release(self, file_name: str) -> None:
@@ -117,6 +122,34 @@ class SeedMounts:
             mounts.unmount(target)
             with contextlib.suppress(OSError):
                 target.rmdir()
+
+
+def prefetch_metadata(image: Path) -> None:
+    """Ask the kernel to read an image's metadata ahead (POSIX_FADV_WILLNEED), so a first walk finds it cached.
+
+    mksquashfs writes the inode, directory, fragment, id and xattr tables one
+    after the other behind the data, from ``inode_table_start`` to
+    ``bytes_used``: one contiguous read instead of the scattered ones a walk
+    makes. The loop device reads the image through its page cache, and
+    squashfuse reads the file itself, so either finds the pages there.
+    Advisory: any failure only costs the speed-up.
+    """
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        log.debug("cannot prefetch %s: %s", image, exc)
+        return
+    try:
+        head = os.pread(fd, _SUPERBLOCK.size, 0)
+        if len(head) < _SUPERBLOCK.size:
+            return
+        magic, used, start = _SUPERBLOCK.unpack(head)
+        if magic == _SQUASHFS_MAGIC and 0 < start < used:
+            os.posix_fadvise(fd, start, used - start, os.POSIX_FADV_WILLNEED)
+    except OSError as exc:
+        log.debug("cannot prefetch %s: %s", image, exc)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- checks
