@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -442,6 +443,27 @@ def test_the_memo_is_bounded_and_forgets_retired_views(tmp_path: Path) -> None:
     new = lookup_path(ops, b"2026-11-03/home/alice").st_ino
     assert new != old
     assert b"b.txt" in [n for n, _, _ in listdir(ops, new)]  # read from the new layers, not remembered
+
+
+def test_only_what_may_wait_for_the_disk_goes_to_a_worker_thread(tmp_path: Path) -> None:
+    """Listings go to a worker thread unless every layer they span is an image whose metadata is cached."""
+    ops, vfs, _ = World(tmp_path).ops()
+    cached = {"seed.sfs": False}
+    vfs.seeds.metadata_cached = cached.__getitem__  # type: ignore[attr-defined]
+    where: list[bool] = []
+    read_listing = vfs.read_listing
+
+    def spy(ino: int) -> Any:
+        where.append(threading.current_thread() is threading.main_thread())
+        return read_listing(ino)
+
+    vfs.read_listing = spy  # type: ignore[method-assign]
+    listdir(ops, lookup_path(ops, b"seed/home").st_ino)  # the seed's metadata is not cached: a thread
+    cached["seed.sfs"] = True
+    listdir(ops, lookup_path(ops, b"seed/dir").st_ino)  # now it is: answered on the request thread
+    listdir(ops, lookup_path(ops, b"2026-11-03/home").st_ino)  # spans bin 1, a directory: a thread
+    assert where == [False, True, False]
+    assert ops.inline >= 1
 
 
 def test_readdir_offsets_resume_where_they_stopped(tmp_path: Path) -> None:

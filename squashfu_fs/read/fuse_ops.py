@@ -191,12 +191,25 @@ class FuseOps(pyfuse3.Operations):
         vfs.on_change = self._root_changed
         self._negative = {t: self._negative_attr(t) for t in (ROOT_TIMEOUT, VIEW_TIMEOUT)}
         self._limiter: trio.CapacityLimiter | None = None
+        self.inline = 0  # requests that could have read the disk, answered here: their metadata was cached
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` (disk I/O that changes no shared state) in a worker thread."""
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(IO_THREADS)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _disk(self, ino: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` about ``ino`` here when what it reads is in memory (:meth:`Vfs.in_memory`), else in a thread.
+
+        A thread hop costs about 230 µs per request on the 2-vCPU benchmark
+        machine (docs/benchmarks.md): a first walk makes one or two per
+        directory, so it is only paid when the disk may really be read.
+        """
+        if self.vfs.in_memory(ino):
+            self.inline += 1
+            return fn(*args)
+        return await self._io(fn, *args)
 
     # --------------------------------------------------------------- plumbing
 
@@ -287,7 +300,7 @@ class FuseOps(pyfuse3.Operations):
             vfs = self.vfs
             known, found = vfs.lookup_known(parent_inode, name)
             if not known:
-                built, entry = await self._io(vfs.read_lookup, parent_inode, name)
+                built, entry = await self._disk(parent_inode, vfs.read_lookup, parent_inode, name)
                 found = vfs.finish_lookup(parent_inode, name, built, entry)
             if found is None:
                 return self._negative[ROOT_TIMEOUT if parent_inode in NAME_DIRS else VIEW_TIMEOUT]
@@ -302,7 +315,7 @@ class FuseOps(pyfuse3.Operations):
             vfs = self.vfs
             target = vfs.target_known(inode)
             if target is None:
-                target = vfs.finish_target(inode, await self._io(os.readlink, vfs.link_path(inode)))
+                target = vfs.finish_target(inode, await self._disk(inode, os.readlink, vfs.link_path(inode)))
             return target
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -316,7 +329,7 @@ class FuseOps(pyfuse3.Operations):
         vfs = self.vfs
         xattrs = vfs.xattrs_known(inode)
         if xattrs is None:
-            xattrs = vfs.finish_xattrs(inode, await self._io(vfs.read_xattrs, inode))
+            xattrs = vfs.finish_xattrs(inode, await self._disk(inode, vfs.read_xattrs, inode))
         return xattrs
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
@@ -354,7 +367,7 @@ class FuseOps(pyfuse3.Operations):
             vfs = self.vfs
             items = vfs.listing_known(inode)
             if items is None:
-                built, merged = await self._io(vfs.read_listing, inode)
+                built, merged = await self._disk(inode, vfs.read_listing, inode)
                 items = vfs.finish_listing(inode, built, merged)
             views: list[View | None] = []
             if inode in NAME_DIRS:
@@ -385,7 +398,7 @@ class FuseOps(pyfuse3.Operations):
         with _translate("open"):
             if flags & _WRITE_FLAGS:
                 raise _erofs()
-            fd = await self._io(self._open_real, self.vfs.real_path(inode))
+            fd = await self._disk(inode, self._open_real, self.vfs.real_path(inode))
             if self.vfs.in_image(inode):
                 self.prefetcher.track(fd)
             return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=False)

@@ -54,9 +54,9 @@ _VIEW_LIMIT = 1 << (64 - VIEW_SHIFT)
 _LAYER_LIMIT = 1 << (VIEW_SHIFT - LAYER_SHIFT)
 _INO_LIMIT = 1 << LAYER_SHIFT
 _FALLBACK_FIRST = 1 << 20  # inside view 0's space, above the root's own inodes
-# How many resolved entries the memo keeps across the kernel's FORGETs (docs/filesystem.md, "What
-# the daemon keeps in memory"): about 1 KiB each, so at most ~250 MiB of the daemon's memory.
-MEMO_ENTRIES = 250_000
+# How many resolved entries the memo keeps across the kernel's FORGETs (docs/filesystem.md,
+# "Caching"): about 1.3 KiB each with their attributes, so at most ~260 MiB of the daemon's memory.
+MEMO_ENTRIES = 200_000
 _LISTING, _XATTRS, _TARGET = range(3)  # what a memo key holds
 
 
@@ -86,7 +86,11 @@ class Stat:
 
 
 class SeedProvider(Protocol):
-    """Makes an image (a seed, or a sealed bin ``bins/N.sfs``; names relative to the root) readable as a directory."""
+    """Makes an image (a seed, or a sealed bin ``bins/N.sfs``; names relative to the root) readable as a directory.
+
+    It may also answer ``metadata_cached(file_name) -> bool`` (the daemon's does): whether the
+    image's metadata is in the page cache, so requests reading it are served without a thread.
+    """
 
     def acquire(self, file_name: str) -> bytes: ...
     def release(self, file_name: str) -> None: ...
@@ -95,7 +99,8 @@ class SeedProvider(Protocol):
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_layers", "images", "key", "layers", "live", "marks",
+    __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_at", "image_layers", "images", "key", "layers", "live",
+                 "marks",
                  "name", "retired", "root_entry", "root_ino", "seed_file", "snapshot_names", "spec", "versions")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
@@ -110,8 +115,10 @@ class View:
         self.images = images or (seed_file,)  # every image it stacks, the seed included
         self.dir_bins = spec.bins if dir_bins is None else dir_bins  # bins it reads as directories
         # Positions (from 1, newest first) of the layers read from a SquashFS image: the seed, sealed bins.
-        self.image_layers = frozenset(
-            [pos for pos, n in enumerate(spec.bins, 1) if n not in self.dir_bins] + [len(layers)])
+        image_positions = [pos for pos, n in enumerate(spec.bins, 1) if n not in self.dir_bins]
+        self.image_layers = frozenset([*image_positions, len(layers)])
+        self.image_at = dict(zip(image_positions, self.images[1:], strict=False))  # layer position -> image
+        self.image_at[len(layers)] = seed_file
         self.root_ino = view_id << VIEW_SHIFT
         self.root_entry: Entry | None = None
         self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
@@ -621,6 +628,28 @@ class Vfs:
             return
         if self._bin_ids(view) != (view.bin_ids if bin_ids is None else bin_ids):
             raise OSError(errno.ESTALE, f"the layers of {view.name} changed")
+
+    def in_memory(self, ino: int) -> bool:
+        """Whether reading about ``ino`` (its listing, a name in it, its xattrs, its target) needs no disk.
+
+        True when every layer it spans is an image whose metadata is in the
+        page cache (:meth:`SeedProvider.metadata_cached`): squashfs then finds
+        its inode and directory tables in memory. Bins kept as directories,
+        a view not built yet and retired views (which stat their bins) cannot
+        tell, so they go to a worker thread.
+        """
+        node = self.nodes.get(ino)
+        view = None if node is None else node.view
+        if node is None or view is None or not view.built or view.retired or not node.entry.branches:
+            return False
+        cached = getattr(self.seeds, "metadata_cached", None)
+        if cached is None:
+            return False
+        for pos, _ in node.entry.branches:
+            image = view.image_at.get(pos)
+            if image is None or not cached(image):
+                return False
+        return True
 
     def _remembered(self, view: View, ino: int, kind: int) -> object | None:
         """What :class:`Memo` kept about ``ino`` of a current view (retired views check their bins instead)."""
