@@ -13,7 +13,8 @@ layers the live views still read.
 No request waits on another's disk I/O: what may touch a cold disk (reading
 a file, opening it, resolving a name or listing a directory the daemon does
 not know yet, reading xattrs and symlinks) runs in a worker thread
-(:data:`IO_THREADS` at once), while what the daemon already knows (the root,
+(:data:`IO_THREADS` at once), unless every layer it reads is an image whose
+metadata is in the page cache. What the daemon already knows (the root,
 listings built before, kept across the kernel's FORGETs by
 :class:`squashfu_fs.read.vfs.Memo`) is answered on the trio thread, with no
 thread hop. Only the trio thread changes the tree; worker threads only read
