@@ -75,8 +75,8 @@ def main() -> None:
             cold, _ = walk(str(top))
             warm = statistics.median(walk(str(top))[0] for _ in range(args.rounds))
             results[tool.name] = {"first": first, "cold": cold, "warm": warm, "entries": count}
-            print(f"{tool.name}: {count} entries; first {first:.2f} s, cold {cold:.2f} s, warm {warm:.2f} s",
-                  flush=True)
+            print(f"{tool.name}: {count} entries; first {first:.2f} s, cold {cold:.2f} s, warm {warm:.2f} s"
+                  f"{daemon_memory(tool, mp)}", flush=True)
         finally:
             unmount(tool, mp, proc)
     ours = results["squashfu"]
@@ -100,6 +100,21 @@ def mount(tool: object, mp: Path) -> subprocess.Popen[bytes] | None:
                             stderr=subprocess.DEVNULL)
     wait_for(mp / "snapshots" / "latest")
     return proc
+
+
+def daemon_memory(tool: object, mp: Path) -> str:
+    """squashfu's daemon's resident memory after the walks (what it keeps across FORGETs shows here)."""
+    if not isinstance(tool, Squashfu):
+        return ""
+    from squashfu_fs.read.mountd import daemon_pid
+
+    pid = daemon_pid(mp)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+    rss = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), "?")
+    return f"; daemon RSS {int(rss) // 1024} MiB" if rss.isdigit() else ""
 
 
 def entry_point(tool: object, mp: Path, src: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from squashfu_fs.read.fuse_ops import ROOT_TIMEOUT, VIEW_TIMEOUT, FuseOps
-from squashfu_fs.read.vfs import ROOT_INO, SNAPSHOTS_INO, Vfs
+from squashfu_fs.read.vfs import ROOT_INO, SNAPSHOTS_INO, Memo, Vfs
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store.history import SEALED_FORMAT, Bin, History, Seed
 from squashfu_fs.store.layout import RootLayout
@@ -360,13 +361,19 @@ def test_every_write_is_erofs(tmp_path: Path) -> None:
     assert run(ops.access, a.st_ino, os.R_OK, None) is True
 
 
-def test_forget_releases_nodes_and_listings(tmp_path: Path) -> None:
+def world_with_many(tmp_path: Path, files: int) -> tuple[FuseOps, Vfs]:
+    """The World, with a seed directory ``many`` of ``files`` files."""
     w = World(tmp_path)
     many = w.seed_dir / "many"
     many.mkdir()
-    for i in range(500):
+    for i in range(files):
         (many / f"f{i:03}").write_text(str(i))
     ops, vfs, _ = w.ops()
+    return ops, vfs
+
+
+def test_forget_releases_nodes_and_listings(tmp_path: Path) -> None:
+    ops, vfs = world_with_many(tmp_path, 500)
     baseline = len(vfs.nodes)
     counts: dict[int, int] = {}
     for view in (b"2026-11-02", b"2026-11-03", b"seed"):
@@ -381,6 +388,82 @@ def test_forget_releases_nodes_and_listings(tmp_path: Path) -> None:
     assert len(vfs.nodes) == baseline + 3 * 502
     run(ops.forget, list(counts.items()))
     assert len(vfs.nodes) == baseline
+
+
+def test_what_the_kernel_forgot_is_answered_from_memory(tmp_path: Path) -> None:
+    """After the kernel forgets a view's inodes (drop_caches), its listings and xattrs come from the memo."""
+    ops, vfs = world_with_many(tmp_path, 50)
+
+    def walk() -> tuple[list[Any], dict[bytes, bytes], dict[int, int]]:
+        counts: dict[int, int] = {}
+        view = run(ops.lookup, ROOT_INO, b"2026-11-03", None).st_ino
+        top = listdir(ops, view)
+        m = run(ops.lookup, view, b"many", None).st_ino
+        hard = run(ops.lookup, view, b"hard1", None).st_ino
+        tag = run(ops.getxattr, hard, b"user.tag", None)
+        entries = listdir(ops, m)
+        for ino in [view, m, hard] + [a.st_ino for _, a, _ in top + entries]:
+            counts[ino] = counts.get(ino, 0) + 1
+        return [(n, a.st_ino, a.st_size, a.st_mtime_ns) for n, a, _ in top + entries], {b"user.tag": tag}, counts
+
+    first, xattrs, counts = walk()
+    built = vfs.counters.listings_built
+    assert built == 2 and vfs.counters.memo_hits == 0
+    run(ops.forget, list(counts.items()))
+    assert all(node.view is None for node in vfs.nodes.values()), "the kernel forgot every inode of the view"
+    again, xattrs_again, _ = walk()
+    assert (again, xattrs_again) == (first, xattrs)
+    assert vfs.counters.listings_built == built, "a forgotten listing was read from the disk again"
+    assert vfs.counters.memo_hits == 3  # two listings and one inode's xattrs
+
+
+def test_the_memo_is_bounded_and_forgets_retired_views(tmp_path: Path) -> None:
+    memo = Memo(cap=10)
+    memo.put((1, 1, 0), "a", 4)
+    memo.put((1, 2, 0), "b", 4)
+    assert memo.get((1, 1, 0)) == "a"  # now the most recently used
+    memo.put((2, 3, 0), "c", 4)
+    assert (memo.get((1, 2, 0)), memo.get((1, 1, 0)), memo.get((2, 3, 0))) == (None, "a", "c")
+    assert memo.size == 8
+    memo.drop_view(1)
+    assert (len(memo), memo.size) == (1, 4)
+    # In a mount: a resquash retires every view, and their memo goes with them; the new views read anew.
+    w = World(tmp_path)
+    ops, vfs, _ = w.ops()
+    old = lookup_path(ops, b"2026-11-03/home/alice").st_ino
+    assert [n for n, _, _ in listdir(ops, old)] == [b"a.txt"]
+    old_view = vfs.nodes[old].view
+    assert old_view is not None and len(vfs.memo) > 0
+    (w.seed_dir / "home" / "alice" / "b.txt").write_text("only in the new seed\n")
+    w.history = w.history.with_seed(
+        Seed(file="seed.2.sfs", generation=2, time=at(1), created=at(3), absorbed=(1,)), remaining=())
+    w.save()
+    run(ops.tick)
+    assert old_view.retired and len(vfs.memo) == 0
+    new = lookup_path(ops, b"2026-11-03/home/alice").st_ino
+    assert new != old
+    assert b"b.txt" in [n for n, _, _ in listdir(ops, new)]  # read from the new layers, not remembered
+
+
+def test_only_what_may_wait_for_the_disk_goes_to_a_worker_thread(tmp_path: Path) -> None:
+    """Listings go to a worker thread unless every layer they span is an image whose metadata is cached."""
+    ops, vfs, _ = World(tmp_path).ops()
+    cached = {"seed.sfs": False}
+    vfs.seeds.metadata_cached = cached.__getitem__  # type: ignore[attr-defined]
+    where: list[bool] = []
+    read_listing = vfs.read_listing
+
+    def spy(ino: int) -> Any:
+        where.append(threading.current_thread() is threading.main_thread())
+        return read_listing(ino)
+
+    vfs.read_listing = spy  # type: ignore[method-assign]
+    listdir(ops, lookup_path(ops, b"seed/home").st_ino)  # the seed's metadata is not cached: a thread
+    cached["seed.sfs"] = True
+    listdir(ops, lookup_path(ops, b"seed/dir").st_ino)  # now it is: answered on the request thread
+    listdir(ops, lookup_path(ops, b"2026-11-03/home").st_ino)  # spans bin 1, a directory: a thread
+    assert where == [False, True, False]
+    assert ops.inline >= 1
 
 
 def test_readdir_offsets_resume_where_they_stopped(tmp_path: Path) -> None:

@@ -271,6 +271,56 @@ def test_eight_parallel_readers_agree(made: HandMade, scratch: Path) -> None:
             assert not differences(want, results[i]), (name, differences(want, results[i]))
 
 
+def test_a_read_held_in_its_disk_io_does_not_hold_other_requests(made: HandMade, scratch: Path) -> None:
+    """A read waiting for the disk must not stall a listing or a lookup of another client (issue 9, item 6).
+
+    The daemon's read path holds at checkpoint ``fuse-read`` (docs/crash-safety.md) until the test
+    lets it go; meanwhile another thread lists and stats paths of another view the kernel has never
+    seen, so each needs the daemon. They must be answered while the read is still held.
+    """
+    table = ViewTable.from_history(made.history)
+    first, other = next(iter(table.dated)), "seed"
+    hold = scratch / "hold"
+    hold.mkdir()
+    env = {"SQUASHFU_FAULT": "fuse-read", "SQUASHFU_FAULT_ACTION": "hold", "SQUASHFU_FAULT_HOLD": str(hold)}
+    with mounted(made.root, scratch / "mp", env=env) as mp:
+        victim = next(Path(d) / n for d, _, files in os.walk(mp / first) for n in files
+                      if stat.S_ISREG(os.lstat(Path(d) / n).st_mode) and os.lstat(Path(d) / n).st_size)
+        read_back: list[bytes] = []
+        reader = threading.Thread(target=lambda: read_back.append(victim.read_bytes()))
+        answered: list[object] = []
+        errors: list[BaseException] = []
+
+        def other_client() -> None:
+            try:
+                answered.append(sorted(os.listdir(mp / other)))
+                answered.append(os.stat(mp / other / "home" / "bob").st_ino)
+                answered.append(sorted(os.listdir(mp / other / "home")))
+            except BaseException as exc:
+                errors.append(exc)
+
+        lister = threading.Thread(target=other_client)
+        try:
+            reader.start()
+            deadline = time.monotonic() + 30
+            while not (hold / "reached").exists():
+                assert time.monotonic() < deadline and reader.is_alive(), "the read never reached the daemon"
+                time.sleep(0.01)
+            lister.start()
+            lister.join(20)
+            done_while_held = not lister.is_alive() and not (hold / "release").exists()
+        finally:
+            (hold / "release").touch()
+        reader.join(30)
+        lister.join(30)
+        assert not errors, errors
+        assert done_while_held, "listing another view waited for a read held in its disk I/O"
+        assert len(answered) == 3 and "home" in answered[0] and "bob" in answered[2]
+        assert len(read_back) == 1, "the held read never finished"
+        with made.kernel_view(first) as kernel:
+            assert read_back[0] == (kernel / victim.relative_to(mp / first)).read_bytes()
+
+
 def test_the_kernel_keeps_latest_target_instead_of_asking_the_daemon(tmp_path: Path, scratch: Path) -> None:
     """A path through `latest` must not cost a readlink round trip each time: the daemon is stopped, it still resolves.
 

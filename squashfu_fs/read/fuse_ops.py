@@ -9,6 +9,16 @@ and are invalidated when the history changes.
 Request handlers never mount, unmount or reload: :meth:`FuseOps.tick`
 (housekeeping, twice a second) does, in worker threads, and publishes which
 layers the live views still read.
+
+No request waits on another's disk I/O: what may touch a cold disk (reading
+a file, opening it, resolving a name or listing a directory the daemon does
+not know yet, reading xattrs and symlinks) runs in a worker thread
+(:data:`IO_THREADS` at once), unless every layer it reads is an image whose
+metadata is in the page cache. What the daemon already knows (the root,
+listings built before, kept across the kernel's FORGETs by
+:class:`squashfu_fs.read.vfs.Memo`) is answered on the trio thread, with no
+thread hop. Only the trio thread changes the tree; worker threads only read
+layers and state that never changes once made (docs/filesystem.md).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import trio
 
 from squashfu_fs.overlay import Entry
 from squashfu_fs.read.vfs import NAME_DIRS, ROOT_INO, SNAPSHOTS_INO, RootChange, Usage, Vfs, View
+from squashfu_fs.util.faults import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 ROOT_TIMEOUT = 60.0
 VIEW_TIMEOUT = 86400.0  # committed bins never change
 HOUSEKEEPING_INTERVAL = 0.5
+IO_THREADS = 16  # requests doing disk I/O at once (a held one never stalls the others)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -89,6 +101,12 @@ def _translate(what: str) -> Iterator[None]:
 
 def _erofs() -> FUSEError:
     return FUSEError(errno.EROFS)
+
+
+def _pread(fd: int, size: int, off: int) -> bytes:
+    """A file's read, in a worker thread: the one place a request waits for the data's disk."""
+    checkpoint("fuse-read")
+    return os.pread(fd, size, off)
 
 
 def _willneed(fd: int, off: int, length: int) -> None:
@@ -173,6 +191,26 @@ class FuseOps(pyfuse3.Operations):
         self.prefetcher = Prefetcher()
         vfs.on_change = self._root_changed
         self._negative = {t: self._negative_attr(t) for t in (ROOT_TIMEOUT, VIEW_TIMEOUT)}
+        self._limiter: trio.CapacityLimiter | None = None
+        self.inline = 0  # requests that could have read the disk, answered here: their metadata was cached
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` (disk I/O that changes no shared state) in a worker thread."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(IO_THREADS)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _disk(self, ino: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` about ``ino`` here when what it reads is in memory (:meth:`Vfs.in_memory`), else in a thread.
+
+        A thread hop costs about 230 µs per request on the 2-vCPU benchmark
+        machine (docs/benchmarks.md): a first walk makes one or two per
+        directory, so it is only paid when the disk may really be read.
+        """
+        if self.vfs.in_memory(ino):
+            self.inline += 1
+            return fn(*args)
+        return await self._io(fn, *args)
 
     # --------------------------------------------------------------- plumbing
 
@@ -260,7 +298,11 @@ class FuseOps(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         with _translate("lookup"):
-            found = self.vfs.lookup(parent_inode, name)
+            vfs = self.vfs
+            known, found = vfs.lookup_known(parent_inode, name)
+            if not known:
+                built, entry = await self._disk(parent_inode, vfs.read_lookup, parent_inode, name)
+                found = vfs.finish_lookup(parent_inode, name, built, entry)
             if found is None:
                 return self._negative[ROOT_TIMEOUT if parent_inode in NAME_DIRS else VIEW_TIMEOUT]
             return self._attr(*found)
@@ -271,7 +313,11 @@ class FuseOps(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         with _translate("readlink"):
-            return self.vfs.readlink(inode)
+            vfs = self.vfs
+            target = vfs.target_known(inode)
+            if target is None:
+                target = vfs.finish_target(inode, await self._disk(inode, os.readlink, vfs.link_path(inode)))
+            return target
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -280,16 +326,23 @@ class FuseOps(pyfuse3.Operations):
         except Exception:
             log.exception("forget failed")
 
+    async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        vfs = self.vfs
+        xattrs = vfs.xattrs_known(inode)
+        if xattrs is None:
+            xattrs = vfs.finish_xattrs(inode, await self._disk(inode, vfs.read_xattrs, inode))
+        return xattrs
+
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         with _translate("getxattr"):
-            value = self.vfs.xattrs(inode).get(name)
+            value = (await self._xattrs(inode)).get(name)
             if value is None:
                 raise FUSEError(pyfuse3.ENOATTR)
             return value
 
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         with _translate("listxattr"):
-            return list(self.vfs.xattrs(inode))
+            return list(await self._xattrs(inode))
 
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
         with _translate("statfs"):
@@ -312,7 +365,11 @@ class FuseOps(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         with _translate("opendir"):
-            items = self.vfs.listing(inode)
+            vfs = self.vfs
+            items = vfs.listing_known(inode)
+            if items is None:
+                built, merged = await self._disk(inode, vfs.read_listing, inode)
+                items = vfs.finish_listing(inode, built, merged)
             views: list[View | None] = []
             if inode in NAME_DIRS:
                 views = [self.vfs.view_of_root(ino) for _, ino, _ in items]
@@ -342,22 +399,25 @@ class FuseOps(pyfuse3.Operations):
         with _translate("open"):
             if flags & _WRITE_FLAGS:
                 raise _erofs()
-            path = self.vfs.real_path(inode)
-            try:
-                fd = os.open(path, _OPEN_FLAGS | self._noatime)
-            except PermissionError:
-                if not self._noatime:
-                    raise
-                self._noatime = 0  # O_NOATIME needs ownership or CAP_FOWNER
-                fd = os.open(path, _OPEN_FLAGS)
+            fd = await self._disk(inode, self._open_real, self.vfs.real_path(inode))
             if self.vfs.in_image(inode):
                 self.prefetcher.track(fd)
             return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=False)
 
+    def _open_real(self, path: bytes) -> int:
+        """Open the real file (a worker thread: the path walk may read the disk)."""
+        try:
+            return os.open(path, _OPEN_FLAGS | self._noatime)
+        except PermissionError:
+            if not self._noatime:
+                raise
+            self._noatime = 0  # O_NOATIME needs ownership or CAP_FOWNER
+            return os.open(path, _OPEN_FLAGS)
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _translate("read"):
             self.prefetcher.read(fh, off, size)
-            return os.pread(fh, size, off)
+            return cast(bytes, await self._io(_pread, fh, size, off))
 
     async def release(self, fh: int) -> None:
         with _translate("release"):

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -53,6 +54,10 @@ _VIEW_LIMIT = 1 << (64 - VIEW_SHIFT)
 _LAYER_LIMIT = 1 << (VIEW_SHIFT - LAYER_SHIFT)
 _INO_LIMIT = 1 << LAYER_SHIFT
 _FALLBACK_FIRST = 1 << 20  # inside view 0's space, above the root's own inodes
+# How many resolved entries the memo keeps across the kernel's FORGETs (docs/filesystem.md,
+# "Caching"): about 1.3 KiB each with their attributes, so at most ~260 MiB of the daemon's memory.
+MEMO_ENTRIES = 200_000
+_LISTING, _XATTRS, _TARGET = range(3)  # what a memo key holds
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,11 @@ class Stat:
 
 
 class SeedProvider(Protocol):
-    """Makes an image (a seed, or a sealed bin ``bins/N.sfs``; names relative to the root) readable as a directory."""
+    """Makes an image (a seed, or a sealed bin ``bins/N.sfs``; names relative to the root) readable as a directory.
+
+    It may also answer ``metadata_cached(file_name) -> bool`` (the daemon's does): whether the
+    image's metadata is in the page cache, so requests reading it are served without a thread.
+    """
 
     def acquire(self, file_name: str) -> bytes: ...
     def release(self, file_name: str) -> None: ...
@@ -90,7 +99,8 @@ class SeedProvider(Protocol):
 class View:
     """One state of the past: its spec, its layers, and (once built) its root branches."""
 
-    __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_layers", "images", "key", "layers", "live", "marks",
+    __slots__ = ("bin_ids", "built", "dir_bins", "id", "image_at", "image_layers", "images", "key", "layers", "live",
+                 "marks",
                  "name", "retired", "root_entry", "root_ino", "seed_file", "snapshot_names", "spec", "versions")
 
     def __init__(self, view_id: int, name: str, spec: ViewSpec, key: tuple[object, ...],
@@ -105,8 +115,10 @@ class View:
         self.images = images or (seed_file,)  # every image it stacks, the seed included
         self.dir_bins = spec.bins if dir_bins is None else dir_bins  # bins it reads as directories
         # Positions (from 1, newest first) of the layers read from a SquashFS image: the seed, sealed bins.
-        self.image_layers = frozenset(
-            [pos for pos, n in enumerate(spec.bins, 1) if n not in self.dir_bins] + [len(layers)])
+        image_positions = [pos for pos, n in enumerate(spec.bins, 1) if n not in self.dir_bins]
+        self.image_layers = frozenset([*image_positions, len(layers)])
+        self.image_at = dict(zip(image_positions, self.images[1:], strict=False))  # layer position -> image
+        self.image_at[len(layers)] = seed_file
         self.root_ino = view_id << VIEW_SHIFT
         self.root_entry: Entry | None = None
         self.marks: frozenset[bytes] = frozenset()  # recorded opaque directories, read when built
@@ -149,6 +161,57 @@ class Listing:
         self.index = {name: i for i, (name, _, _) in enumerate(items)}
 
 
+@dataclass(frozen=True)
+class Built:
+    """What building a view's stack read from disk (:meth:`Vfs.prepare_build`), to install."""
+
+    bin_ids: tuple[tuple[int, int], ...]
+    branches: tuple[layerstack.Branch, ...]
+    marks: frozenset[bytes]
+
+
+class Memo:
+    """What the daemon resolved in its current views, kept across the kernel's FORGETs: bounded, LRU.
+
+    Layers never change and a view's id is never given to other layers, so a
+    listing, the xattrs or a symlink's target read for (view, inode) stay true
+    for the life of the view. After ``drop_caches`` the kernel forgets every
+    inode and asks again: these answers then come from memory instead of
+    re-reading the images' metadata through the loop device (borg's daemon
+    does the same with its archive's metadata). Keys are ``(view id, inode,
+    kind)``; a value costs the entries it holds, and the least recently used
+    go once ``cap`` is exceeded. A view's keys go when it retires.
+    """
+
+    def __init__(self, cap: int = MEMO_ENTRIES) -> None:
+        self.cap = cap
+        self.size = 0
+        self._items: OrderedDict[tuple[int, int, int], tuple[object, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[int, int, int]) -> object | None:
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        self._items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple[int, int, int], value: object, cost: int) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        self._items[key] = (value, cost)
+        self.size += cost
+        while self.size > self.cap and self._items:
+            self.size -= self._items.popitem(last=False)[1][1]
+
+    def drop_view(self, view_id: int) -> None:
+        for key in [k for k in self._items if k[0] == view_id]:
+            self.size -= self._items.pop(key)[1]
+
+
 @dataclass
 class RootChange:
     """What a history reload changed in the root, for the kernel's caches."""
@@ -184,6 +247,7 @@ class Counters:
     listings_built: int = 0
     reloads: int = 0
     history_checks: int = 0
+    memo_hits: int = 0
 
 
 class Vfs:
@@ -199,6 +263,7 @@ class Vfs:
         self.history = History()
         self.table = ViewTable.from_history(self.history)
         self.nodes: dict[int, Node] = {}
+        self.memo = Memo()
         self.views: dict[tuple[object, ...], View] = {}  # current views, by key
         self.by_id: dict[int, View] = {}  # every view still alive (current or retired)
         self.root_items: list[tuple[bytes, int, Entry]] = []
@@ -331,6 +396,7 @@ class Vfs:
         for key, view in self.views.items():
             if key not in fresh:
                 view.retired = retired = True
+                self.memo.drop_view(view.id)
                 self._maybe_drop(view)
         if retired:
             self._to_drop += [ino for ino, node in self.nodes.items() if node.view is not None and node.view.retired]
@@ -511,16 +577,27 @@ class Vfs:
 
     def build(self, view: View) -> None:
         """Assemble a view's stack: done on the first lookup inside it, never for the root."""
-        if view.built:
-            return
-        view.bin_ids = self._bin_ids(view)
-        entry = self._root_entry(view)
-        entry.branches = layerstack.root_branches(view.layers)
+        if not view.built:
+            self.finish_build(view, self.prepare_build(view))
+
+    def prepare_build(self, view: View) -> Built:
+        """The disk part of :meth:`build` (stats, opaque records): safe in a worker thread, changes nothing."""
+        bin_ids = self._bin_ids(view)
+        branches = layerstack.root_branches(view.layers)
         records = [(layer.directory(), layerstack.opaque_record(self.layout.opaque_record(n)))
                    for n, layer in zip(view.spec.bins, view.layers, strict=False)]
         marks = layerstack.opaque_marks((directory, record or ()) for directory, record in records)
         # Bins of older code have no record: their directories are probed for the xattr instead.
-        view.marks = layerstack.TrustedMarks(marks) if all(r is not None for _, r in records) else marks
+        trusted = all(r is not None for _, r in records)
+        return Built(bin_ids, branches, layerstack.TrustedMarks(marks) if trusted else marks)
+
+    def finish_build(self, view: View, built: Built | None) -> None:
+        """Install what :meth:`prepare_build` read (on the request thread; a second build is ignored)."""
+        if view.built or built is None:
+            return
+        view.bin_ids = built.bin_ids
+        self._root_entry(view).branches = built.branches
+        view.marks = built.marks
         view.built = True
         self.counters.stacks_built += 1
 
@@ -535,17 +612,62 @@ class Vfs:
             ids.append((st.st_dev, st.st_ino))
         return tuple(ids)
 
-    def check_layers(self, view: View | None) -> None:
+    def check_layers(self, view: View | None, bin_ids: tuple[tuple[int, int], ...] | None = None) -> None:
         """Answer ESTALE for a retired view whose bins vanished (call it after resolving a name).
 
         Writers leave a live view's bins in place (see :meth:`usage`); this is
         the guard for when they could not know: a bin deleted all the same is
         never silently replaced by the layers below it. Bins are renamed away
         before their contents go, so a check made after a lookup catches any
-        deletion that could have touched it.
+        deletion that could have touched it. ``bin_ids``: the view's, when
+        its build is not installed yet.
         """
-        if view is not None and view.retired and view.built and self._bin_ids(view) != view.bin_ids:
+        if view is None or not view.retired:
+            return
+        if bin_ids is None and not view.built:
+            return
+        if self._bin_ids(view) != (view.bin_ids if bin_ids is None else bin_ids):
             raise OSError(errno.ESTALE, f"the layers of {view.name} changed")
+
+    def in_memory(self, ino: int) -> bool:
+        """Whether reading about ``ino`` (its listing, a name in it, its xattrs, its target) needs no disk.
+
+        True when every layer it spans is an image whose metadata is in the
+        page cache (:meth:`SeedProvider.metadata_cached`): squashfs then finds
+        its inode and directory tables in memory. Bins kept as directories,
+        a view not built yet and retired views (which stat their bins) cannot
+        tell, so they go to a worker thread.
+        """
+        node = self.nodes.get(ino)
+        view = None if node is None else node.view
+        if node is None or view is None or not view.built or view.retired or not node.entry.branches:
+            return False
+        cached = getattr(self.seeds, "metadata_cached", None)
+        if cached is None:
+            return False
+        for pos, _ in node.entry.branches:
+            image = view.image_at.get(pos)
+            if image is None or not cached(image):
+                return False
+        return True
+
+    def _remembered(self, view: View, ino: int, kind: int) -> object | None:
+        """What :class:`Memo` kept about ``ino`` of a current view (retired views check their bins instead)."""
+        if view.retired:
+            return None
+        value = self.memo.get((view.id, ino, kind))
+        if value is not None:
+            self.counters.memo_hits += 1
+        return value
+
+    def _keep(self, view: View, ino: int, kind: int, value: object, cost: int) -> None:
+        if not view.retired:
+            self.memo.put((view.id, ino, kind), value, cost)
+
+    def _known_listing(self, node: Node, view: View) -> Listing | None:
+        if node.listing is None:
+            node.listing = cast(Listing | None, self._remembered(view, node.ino, _LISTING))
+        return node.listing
 
     def view_of_root(self, ino: int) -> View | None:
         if ino >> VIEW_SHIFT == 0 or ino & ((1 << VIEW_SHIFT) - 1):
@@ -554,39 +676,97 @@ class Vfs:
 
     # ----------------------------------------------------------------- operations
 
+    # Each request that may need the disk comes in three parts: ``*_known`` answers from memory
+    # (the request thread, cheap); on a miss ``read_*`` does the disk I/O, reading only state that
+    # never changes once made (a worker thread may run it); ``finish_*`` records the result (the
+    # request thread). The plain methods chain the three, for callers without threads.
+
     def lookup(self, parent: int, name: bytes) -> tuple[int, Entry] | None:
         """Resolve ``name`` in directory ``parent`` and count the reference; None if absent."""
+        known, found = self.lookup_known(parent, name)
+        if known:
+            return found
+        built, entry = self.read_lookup(parent, name)
+        return self.finish_lookup(parent, name, built, entry)
+
+    def lookup_known(self, parent: int, name: bytes) -> tuple[bool, tuple[int, Entry] | None]:
+        """A lookup answered from memory (root names, a known listing): (True, answer), else (False, None)."""
         if parent in NAME_DIRS:
             for item_name, ino, entry in self.root_items if parent == ROOT_INO else self.snapshot_items:
                 if item_name == name:
                     view = self.view_of_root(ino)
                     self.remember(ino, view, entry, parent, name)
-                    return ino, entry
-            return None
+                    return True, (ino, entry)
+            return True, None
         node = self.nodes[parent]
         view = node.view
         if view is None:
             raise NotADirectoryError(parent)
+        if not view.built:
+            return False, None
+        listing = self._known_listing(node, view)
+        if listing is None:
+            return False, None
+        i = listing.index.get(name)
+        if i is None:
+            return True, None
+        _, ino, entry = listing.items[i]
+        self.remember(ino, view, entry, parent, name)
+        return True, (ino, entry)
+
+    def _directory(self, ino: int) -> tuple[View, Entry, Built | None, frozenset[bytes]]:
+        """A directory to read in a worker thread: its view, its entry and marks, building the view's stack if new.
+
+        The kernel holds the directory while it asks, so its node stays. A
+        new view's build is read here, not installed: its root's branches
+        come from it.
+        """
+        node = self.nodes[ino]
+        view = node.view
+        if view is None:
+            raise NotADirectoryError(ino)
+        if view.built:
+            return view, node.entry, None, view.marks
+        built = self.prepare_build(view)
+        entry = node.entry
         if node.ino == view.root_ino:
-            self.build(view)
-        if node.listing is not None:
-            i = node.listing.index.get(name)
-            if i is None:
-                return None
-            _, ino, entry = node.listing.items[i]
+            entry = (versions_tree.VersionsEntry(entry.st, built.branches, entry.kind, synthetic=entry.synthetic)
+                     if isinstance(entry, versions_tree.VersionsEntry) else Entry(entry.st, built.branches))
+        return view, entry, built, built.marks
+
+    def read_lookup(self, parent: int, name: bytes) -> tuple[Built | None, Entry | None]:
+        """The disk part of a lookup (and of its view's build): safe in a worker thread."""
+        view, entry, built, marks = self._directory(parent)
+        found: Entry | None
+        if view.versions:
+            found = versions_tree.lookup(cast(versions_tree.VersionsEntry, entry), name, view.snapshot_names)
         else:
-            found = (versions_tree.lookup(cast(versions_tree.VersionsEntry, node.entry), name, view.snapshot_names)
-                     if view.versions else layerstack.lookup(node.entry.branches, name, view.marks))
-            self.check_layers(view)
-            if found is None:
-                return None
-            entry = found
-            ino = self.ino_of(view, entry)
+            found = layerstack.lookup(entry.branches, name, marks)
+        self.check_layers(view, None if built is None else built.bin_ids)
+        return built, found
+
+    def finish_lookup(self, parent: int, name: bytes, built: Built | None,
+                      entry: Entry | None) -> tuple[int, Entry] | None:
+        """Record a lookup :meth:`read_lookup` resolved: number it and count the kernel's reference."""
+        view = self.nodes[parent].view
+        assert view is not None
+        self.finish_build(view, built)
+        if entry is None:
+            return None
+        ino = self.ino_of(view, entry)
         self.remember(ino, view, entry, parent, name)
         return ino, entry
 
     def listing(self, ino: int) -> list[tuple[bytes, int, Entry]]:
         """A directory's merged entries in a fixed order (offset = index + 1)."""
+        items = self.listing_known(ino)
+        if items is not None:
+            return items
+        built, merged = self.read_listing(ino)
+        return self.finish_listing(ino, built, merged)
+
+    def listing_known(self, ino: int) -> list[tuple[bytes, int, Entry]] | None:
+        """A listing from memory (the root, one built before), or None when the disk is needed."""
         if ino == ROOT_INO:
             return self.root_items
         if ino == SNAPSHOTS_INO:
@@ -595,14 +775,30 @@ class Vfs:
         view = node.view
         if view is None:
             raise NotADirectoryError(ino)
+        listing = self._known_listing(node, view) if view.built else None
+        return None if listing is None else listing.items
+
+    def read_listing(self, ino: int) -> tuple[Built | None, list[tuple[bytes, Entry]]]:
+        """The disk part of a listing (and of its view's build): safe in a worker thread."""
+        view, entry, built, marks = self._directory(ino)
+        merged: list[tuple[bytes, Entry]]
+        if view.versions:
+            merged = list(versions_tree.listdir(cast(versions_tree.VersionsEntry, entry), view.snapshot_names))
+        else:
+            merged = layerstack.listdir(entry.branches, marks)
+        self.check_layers(view, None if built is None else built.bin_ids)
+        return built, merged
+
+    def finish_listing(self, ino: int, built: Built | None,
+                       merged: list[tuple[bytes, Entry]]) -> list[tuple[bytes, int, Entry]]:
+        """Number what :meth:`read_listing` read and keep it (on the node, and in the memo)."""
+        node = self.nodes[ino]
+        view = node.view
+        assert view is not None
+        self.finish_build(view, built)
         if node.listing is None:
-            if node.ino == view.root_ino:
-                self.build(view)
-            merged = (versions_tree.listdir(cast(versions_tree.VersionsEntry, node.entry), view.snapshot_names)
-                      if view.versions else layerstack.listdir(node.entry.branches, view.marks))
-            items = [(name, self.ino_of(view, e), e) for name, e in merged]
-            self.check_layers(view)
-            node.listing = Listing(items)
+            node.listing = Listing([(name, self.ino_of(view, e), e) for name, e in merged])
+            self._keep(view, ino, _LISTING, node.listing, len(merged) + 1)
             self.counters.listings_built += 1
         return node.listing.items
 
@@ -610,11 +806,26 @@ class Vfs:
         return self.nodes[ino].entry
 
     def readlink(self, ino: int) -> bytes:
-        """A symlink's target, read once per node (a committed layer never changes it)."""
+        """A symlink's target, read once (a committed layer never changes it)."""
+        target = self.target_known(ino)
+        return target if target is not None else self.finish_target(ino, os.readlink(self.link_path(ino)))
+
+    def target_known(self, ino: int) -> bytes | None:
         node = self.nodes[ino]
-        if node.target is None:
-            node.target = os.readlink(node.entry.path)
+        if node.target is None and node.view is not None:
+            node.target = cast(bytes | None, self._remembered(node.view, ino, _TARGET))
         return node.target
+
+    def link_path(self, ino: int) -> bytes:
+        """The real symlink to read (the root's links always know their target)."""
+        return self.nodes[ino].entry.path
+
+    def finish_target(self, ino: int, target: bytes) -> bytes:
+        node = self.nodes[ino]
+        node.target = target
+        if node.view is not None:
+            self._keep(node.view, ino, _TARGET, target, 1)
+        return target
 
     def real_path(self, ino: int) -> bytes:
         """The real file to open for reading."""
@@ -629,19 +840,38 @@ class Vfs:
         return node.view is not None and node.entry.layer in node.view.image_layers
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
-        """A node's visible xattrs, read once and kept while the node lives."""
+        """A node's visible xattrs, read once and kept while the node lives (and in the memo)."""
+        known = self.xattrs_known(ino)
+        return known if known is not None else self.finish_xattrs(ino, self.read_xattrs(ino))
+
+    def xattrs_known(self, ino: int) -> dict[bytes, bytes] | None:
         node = self.nodes[ino]
         if node.xattrs is None:
             view = node.view
             if view is None or getattr(node.entry, "synthetic", False):
                 node.xattrs = {}
-            elif view.versions and getattr(node.entry.st, "root_only", False):
-                node.xattrs = {k: v for k, v in layerstack.read_xattrs(node.entry.path).items()
-                               if k not in versions_tree.ACL_XATTRS}
-            elif node.ino == view.root_ino:
-                node.xattrs = layerstack.read_xattrs(view.layers[0].directory())
             else:
-                node.xattrs = layerstack.read_xattrs(node.entry.path)
+                node.xattrs = cast(dict[bytes, bytes] | None, self._remembered(view, ino, _XATTRS))
+        return node.xattrs
+
+    def read_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        """The disk part of :meth:`xattrs`: safe in a worker thread."""
+        node = self.nodes[ino]
+        view = node.view
+        assert view is not None
+        if view.versions and getattr(node.entry.st, "root_only", False):
+            return {k: v for k, v in layerstack.read_xattrs(node.entry.path).items()
+                    if k not in versions_tree.ACL_XATTRS}
+        if node.ino == view.root_ino:
+            return layerstack.read_xattrs(view.layers[0].directory())
+        return layerstack.read_xattrs(node.entry.path)
+
+    def finish_xattrs(self, ino: int, xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        node = self.nodes[ino]
+        if node.xattrs is None:
+            node.xattrs = xattrs
+            if node.view is not None:
+                self._keep(node.view, ino, _XATTRS, xattrs, 1)
         return node.xattrs
 
     def statfs_path(self) -> bytes:
