@@ -60,7 +60,7 @@ def test_a_catalogue_under_a_name_that_is_not_utf8_opens(tmp_path: Path) -> None
     where = tmp_path / os.fsdecode(b"caf\xe9 #?%20")
     where.mkdir()
     db = _layer(where, "L0", b"seed")
-    opened = catalog.open_all([db])
+    opened = catalog.open_all([db], [""])
     assert opened is not None
     record = opened[0].get(b"f")
     assert record is not None and record.size == 4
@@ -81,3 +81,17 @@ def test_a_damaged_catalogue_of_a_merged_layer_costs_a_resquash_only_a_measure(t
     catalog.write(new, tmp_path / "L0", digests=True, carry=_carried([known]))
     record = catalog.Catalog(new).get(b"f")
     assert record is not None and record.digest == catalog.content_digest(os.fsencode(tmp_path / "L0" / "f"))
+
+
+def test_a_catalogue_is_opened_only_as_the_layer_it_names(tmp_path: Path) -> None:
+    """The label a catalogue was written with must be the one history gives its layer."""
+    (tmp_path / "L").mkdir()
+    (tmp_path / "L" / "f").write_bytes(b"x")
+    db = tmp_path / "bin-3.db"
+    catalog.write(db, tmp_path / "L", label=catalog.bin_label(3, "2026-11-04T02:00:00"))
+    catalog.Catalog(db, catalog.bin_label(3, "2026-11-04T02:00:00")).close()
+    for other in (catalog.bin_label(3, "2026-11-05T02:00:00"), catalog.bin_label(4, "2026-11-04T02:00:00"),
+                  catalog.seed_label("seed.sfs", "2026-11-04T02:00:00")):
+        with pytest.raises(catalog.CatalogError):
+            catalog.Catalog(db, other)
+    assert catalog.open_all([db], [catalog.bin_label(3, "2026-11-05T02:00:00")]) is None

@@ -98,3 +98,24 @@ def test_a_query_that_read_history_before_a_resquash_answers_beside_the_next_bac
         if backup is not None and backup.poll() is None:
             os.killpg(backup.pid, signal.SIGKILL)
             backup.wait()
+
+
+def test_a_catalogue_another_history_left_under_a_layers_name_is_not_trusted(scratch: Path) -> None:
+    """catalogs/bin-1.db from another root (a directory reused for a copy, files moved by hand): not this bin's."""
+    answers = []
+    for name, words, day in (("a", ("one\n", "two\n"), "02"), ("b", ("uno\n", "dos, tres\n"), "12")):
+        src, root = scratch / f"src-{name}", scratch / f"root-{name}"
+        src.mkdir()
+        (src / "f.txt").write_text(words[0])
+        squashfu("init", root, "--source", src)
+        squashfu("-r", root, "backup", now=f"2026-11-{day}T02:00")
+        (src / "f.txt").write_text(words[1])
+        (src / "g.txt").write_text("new\n")
+        squashfu("-r", root, "backup", now=f"2026-11-{int(day) + 1:02d}T02:00")
+    root = scratch / "root-a"
+    queries = [("versions", "f.txt", "--json"), ("diff", "2026-11-02", "latest", "--json"), ("deleted", "--json")]
+    answers = _answers(root, queries)
+    shutil.copyfile(scratch / "root-b" / "catalogs" / "bin-1.db", root / "catalogs" / "bin-1.db")
+    assert _answers(root, queries) == answers
+    _without_catalogues(root)
+    assert _answers(root, queries) == answers

@@ -369,12 +369,13 @@ def answer(root: Path, command: str, choose: Callable[[ViewTable], ViewSpec], qu
         wanted: list[int | None] = [None, *spec.bins]
         paths = [layout.seed_catalog(history.seed.generation) if n is None else layout.bin_catalog(n)
                  for n in wanted]
+        labels = [catalog.label_of(history.seed if n is None else history.bin(n)) for n in wanted]
         if not all(p.is_file() for p in paths):
             if seen == history.generation:
                 break  # a root of older code (or a copy): read through the mounts
             seen = history.generation  # or a resquash deleted it meanwhile: read history again
             continue
-        with catalog.opened(paths) as opened_catalogs:
+        with catalog.opened(paths, labels) as opened_catalogs:
             if opened_catalogs is None:
                 continue
             trees: dict[int | None, Tree] = {n: CatalogTree(n, c) for n, c in zip(wanted, opened_catalogs,

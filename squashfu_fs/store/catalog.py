@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from squashfu_fs import overlay
+from squashfu_fs.store.history import Bin, Seed
 from squashfu_fs.util.durable import fsync_dir
 
 FORMAT = 1
@@ -132,7 +133,24 @@ def _row(row: tuple[Any, ...]) -> Record:
 Carry = Callable[[bytes, Record], bytes | None]
 
 
-def write(dest: Path, top: Path, *, opaque_dirs: tuple[bytes, ...] = (), digests: bool = False,
+def bin_label(number: int, time: str) -> str:
+    """What a bin's catalogue says it describes: the bin's number and backup time, as history names them."""
+    return f"bin {number} {time}"
+
+
+def seed_label(file: str, time: str) -> str:
+    """What a seed's catalogue says it describes: the image's name and the time of the newest state it holds."""
+    return f"seed {file} {time}"
+
+
+def label_of(entry: Bin | Seed) -> str:
+    """The label a committed layer's catalogue must carry: one left by another history is not trusted."""
+    if isinstance(entry, Seed):
+        return seed_label(entry.file, entry.time)
+    return bin_label(entry.number, entry.time)
+
+
+def write(dest: Path, top: Path, *, label: str = "", opaque_dirs: tuple[bytes, ...] = (), digests: bool = False,
           carry: Carry | None = None) -> int:
     """Catalogue the layer mounted or kept at ``top`` into ``dest``, made durable; returns the entries listed.
 
@@ -140,7 +158,8 @@ def write(dest: Path, top: Path, *, opaque_dirs: tuple[bytes, ...] = (), digests
     private mount point), so plain paths are safe here. ``digests``: measure
     each regular file (a bin, whose files were just written); ``carry``: take
     a file's digest from where it is already known (a resquash's merged
-    catalogues) instead.
+    catalogues) instead. ``label`` names the layer (:func:`label_of`), so a
+    catalogue of another history under the same name is refused when read.
     """
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -153,6 +172,7 @@ def write(dest: Path, top: Path, *, opaque_dirs: tuple[bytes, ...] = (), digests
         db.executescript(_SCHEMA)
         db.execute("BEGIN")
         db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
+        db.execute("INSERT INTO meta VALUES ('layer', ?)", (label,))
         rows = []
         for rel, path, record in _walk(os.fsencode(top), opaque):
             if stat.S_ISREG(record.mode):
@@ -216,7 +236,7 @@ def _walk(top: bytes, opaque: frozenset[bytes]) -> Iterator[tuple[bytes, bytes, 
 class Catalog:
     """One layer's catalogue, open read-only: its file stays readable even if a resquash deletes it meanwhile."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, label: str | None = None) -> None:
         self.path = path
         self._db = sqlite3.connect(f"file:{quote(os.fsencode(path))}?mode=ro&immutable=1", uri=True,
                                    check_same_thread=False)
@@ -228,6 +248,14 @@ class Catalog:
         if version != FORMAT:
             self._db.close()
             raise CatalogError(f"{path.name} has catalogue format {version}, this squashfu reads {FORMAT}")
+        if label is not None:
+            try:
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'layer'").fetchone()
+            except sqlite3.Error:
+                row = None
+            if row is None or row[0] != label:
+                self._db.close()
+                raise CatalogError(f"{path.name} describes {row[0] if row else 'no layer'!r}, not {label!r}")
 
     def get(self, rel: bytes) -> Record | None:
         """The entry at ``rel`` (b"" the layer's top), or None when the layer does not hold it."""
@@ -263,14 +291,15 @@ class CatalogError(Exception):
     """A catalogue that cannot be read: the layer is read through its mount instead."""
 
 
-def open_all(paths: list[Path]) -> list[Catalog] | None:
-    """Every catalogue in ``paths`` open, or None (nothing left open) when one is missing or unreadable."""
+def open_all(paths: list[Path], labels: list[str]) -> list[Catalog] | None:
+    """Every catalogue in ``paths`` open, each checked to carry its label, or None (nothing left open) when one
+    is missing, unreadable or another layer's."""
     opened: list[Catalog] = []
     try:
-        for path in paths:
+        for path, label in zip(paths, labels, strict=True):
             if not path.is_file():
                 raise CatalogError(f"{path.name} is missing")
-            opened.append(Catalog(path))
+            opened.append(Catalog(path, label))
     except (CatalogError, sqlite3.Error, OSError):
         for catalog in opened:
             catalog.close()
@@ -279,9 +308,9 @@ def open_all(paths: list[Path]) -> list[Catalog] | None:
 
 
 @contextlib.contextmanager
-def opened(paths: list[Path]) -> Iterator[list[Catalog] | None]:
+def opened(paths: list[Path], labels: list[str]) -> Iterator[list[Catalog] | None]:
     """:func:`open_all` for a ``with`` block, closing what it opened."""
-    catalogs = open_all(paths)
+    catalogs = open_all(paths, labels)
     try:
         yield catalogs
     finally:

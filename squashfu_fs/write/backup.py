@@ -476,7 +476,7 @@ def _add_bin(layout: RootLayout, history: History, config: Config, when: datetim
     faults.checkpoint("after-rsync")
     scan = scan_layer(partial, source=None if remote else Path(config.source), made_devices=result.made_devices)
     record_opaque_dirs(layout, number, scan)  # debris until the bin it describes is committed
-    record_catalog(layout, number, partial, scan)  # so is its catalogue
+    record_catalog(layout, number, when.isoformat(timespec="seconds"), partial, scan)  # so is its catalogue
     kept_open = not config.seal or bool(scan.acl_paths)  # stays a directory: list its files' digests
     listed = list_digests(layout, partial, number) if kept_open else None
     syncfs(partial)

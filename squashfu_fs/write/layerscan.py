@@ -106,6 +106,8 @@ def record_opaque_dirs(layout: RootLayout, number: int, scan: LayerScan) -> None
     layerstack.write_opaque_record(layout.opaque_record(number), scan.opaque_dirs)
 
 
-def record_catalog(layout: RootLayout, number: int, top: Path, scan: LayerScan) -> None:
-    """Catalogue bin N's entries, each file's digest measured while its bytes are fresh (store/catalog.py)."""
-    catalog.write(layout.bin_catalog(number), top, opaque_dirs=scan.opaque_dirs, digests=True)
+def record_catalog(layout: RootLayout, number: int, time: str, top: Path, scan: LayerScan) -> None:
+    """Catalogue bin N (to be committed with backup time ``time``), each file's digest measured while its bytes
+    are fresh (store/catalog.py)."""
+    catalog.write(layout.bin_catalog(number), top, label=catalog.bin_label(number, time),
+                  opaque_dirs=scan.opaque_dirs, digests=True)

@@ -69,7 +69,8 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                             source_entries=newest.source_entries, absorbed=old_seed.absorbed + absorb,
                             sources=newest.sources)
     merged_catalogs = [layout.bin_catalog(n) for n in reversed(absorb)] + [layout.seed_catalog(old_seed.generation)]
-    with catalog.opened(merged_catalogs) as known:
+    labels = [catalog.label_of(b) for b in reversed(absorbed_bins)] + [catalog.label_of(old_seed)]
+    with catalog.opened(merged_catalogs, labels) as known:
         history = commit_seed(layout, history, config,
                               merged_tree(layout, old_seed, absorbed_bins, restage=escaped, progress=progress),
                               contents=contents, started=start, progress=progress,

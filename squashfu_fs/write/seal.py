@@ -63,7 +63,7 @@ def seal_bin(layout: RootLayout, history: History, config: Config, number: int, 
     tree, tmp, image = layout.bin(number), layout.temp_sealed_bin(number), layout.sealed_bin(number)
     say(verbose, f"sealing bin {number} with {config.compression}")
     squash.make_image(tree, tmp, config)
-    squash.check_image(tmp, tree, layout.merged, then=lambda mounted: _recatalogue(layout, number, mounted))
+    squash.check_image(tmp, tree, layout.merged, then=lambda mounted: _recatalogue(layout, entry, mounted))
     faults.checkpoint("seal-image-made")
     image_digest = digest.of_file(tmp)
     tmp.replace(image)
@@ -87,7 +87,7 @@ def seal_bin(layout: RootLayout, history: History, config: Config, number: int, 
     return history
 
 
-def _recatalogue(layout: RootLayout, number: int, image: Path) -> None:
+def _recatalogue(layout: RootLayout, entry: Bin, image: Path) -> None:
     """Catalogue bin N again from its new image, mounted for the check: what its readers will see from now on.
 
     An image keeps what the directory held except what SquashFS cannot store
@@ -97,7 +97,8 @@ def _recatalogue(layout: RootLayout, number: int, image: Path) -> None:
     those very files). A bin without a catalogue (an older root's) stays
     without one.
     """
-    with catalog.opened([layout.bin_catalog(number)]) as known:
+    number, label = entry.number, catalog.label_of(entry)
+    with catalog.opened([layout.bin_catalog(number)], [label]) as known:
         if known is None:
             return
         (before,) = known
@@ -108,7 +109,7 @@ def _recatalogue(layout: RootLayout, number: int, image: Path) -> None:
                 record.mode, record.size, record.uid, record.gid)
             return old.digest if same and old is not None else None
 
-        catalog.write(layout.bin_catalog(number), image,
+        catalog.write(layout.bin_catalog(number), image, label=label,
                       opaque_dirs=overlay.read_opaque_record(layout.opaque_record(number)), digests=True,
                       carry=carry)
 

@@ -57,7 +57,8 @@ def commit_seed(layout: RootLayout, history: History, config: Config, tree: Abst
     tmp = layout.temp_seed(generation)
 
     def catalogue(mounted: Path) -> None:
-        catalog.write(layout.seed_catalog(generation), mounted, digests=True, carry=carry)
+        catalog.write(layout.seed_catalog(generation), mounted, digests=True, carry=carry,
+                      label=catalog.seed_label(RootLayout.seed_name(generation), contents.time))
 
     with tree as top:
         squash.make_image(top, tmp, config, progress=progress)
