@@ -353,6 +353,67 @@ def test_the_kernel_keeps_latest_target_instead_of_asking_the_daemon(tmp_path: P
         assert answers and answers[0] == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
 
 
+def _listed_while_daemon_stopped(mp: Path, fd: int) -> list[str] | None:
+    """List the open directory ``fd`` again (rewound) with the daemon stopped: its names, or None if it waited."""
+    pid = daemon_pid(mp)
+    assert pid is not None
+    answers: list[list[str]] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        probe = threading.Thread(target=lambda: answers.append(sorted(os.listdir(fd))))
+        probe.start()
+        probe.join(10)
+        blocked = probe.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    probe.join(30)
+    return None if blocked else answers[0]
+
+
+def test_the_kernel_keeps_day_listings_and_the_root_follows_new_backups(tmp_path: Path, scratch: Path) -> None:
+    """A day's listing is served from the kernel's cache; the root and snapshots/ still show a new backup.
+
+    Needs pyfuse3 built with contrib/pyfuse3/cache-listings.patch (``make install`` does it).
+    """
+    import pyfuse3._pyfuse3
+
+    assert getattr(pyfuse3._pyfuse3, "listing_caching", False), "pyfuse3 without listing caching: run make install"
+    h = HandMade(tmp_path)
+    times = night_times(3)
+    h.make_seed(times[0])
+    h.add_night(2, times[1])
+    with mounted(h.root, scratch / "mp") as mp:
+        day = mp / "2026-11-03"
+        home = sorted(os.listdir(day / "home"))
+        fd = os.open(day / "home", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert sorted(os.listdir(fd)) == home  # read to the end: the kernel now holds it
+            assert _listed_while_daemon_stopped(mp, fd) == home, "a day's listing was asked of the daemon again"
+        finally:
+            os.close(fd)
+        root_before = sorted(os.listdir(mp))
+        snapshots_before = sorted(os.listdir(mp / "snapshots"))
+        assert sorted(os.listdir(mp)) == root_before and "2026-11-04" not in root_before
+        h.add_night(4, times[2])  # a commit while the listings above are in the kernel's caches
+        new_day = times[2].strftime("%Y-%m-%d")
+        snapshot_name = times[2].strftime("%Y-%m-%dT%H:%M:%S")
+        deadline = time.monotonic() + 30
+        while new_day not in os.listdir(mp):
+            assert time.monotonic() < deadline, f"the root listing never showed {new_day}"
+            time.sleep(0.05)
+        table = ViewTable.from_history(h.history)
+        assert sorted(os.listdir(mp)) == sorted([*table.names(), "versions", "snapshots"])
+        assert os.readlink(mp / "latest") == new_day
+        assert sorted(os.listdir(mp / "snapshots")) == sorted([*snapshots_before, snapshot_name])
+        assert sorted(os.listdir(day / "home")) == home, "the cached listing of an older day changed"
+        for name in ("2026-11-03", new_day):
+            want = h.expected[name]
+            got = snapshot(os.fsencode(mp / name))
+            assert not differences(want, got), (name, differences(want, got))
+        in_snapshots = snapshot(os.fsencode(mp / "snapshots" / snapshot_name))
+        assert not differences(h.expected[new_day], in_snapshots)
+
+
 def test_a_new_commit_appears_within_two_seconds(tmp_path: Path, scratch: Path) -> None:
     h = HandMade(tmp_path)
     times = night_times(3)

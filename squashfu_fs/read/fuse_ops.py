@@ -393,6 +393,21 @@ class FuseOps(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    def cache_listing(self, inode: int) -> bool:
+        """Whether the kernel may keep the listing of ``inode``, just opened, in its page cache.
+
+        Asked by pyfuse3 built with contrib/pyfuse3/cache-listings.patch after
+        each successful opendir (plain pyfuse3 never asks): a directory of a
+        current view never changes, so a warm walk costs no readdir. The root
+        and ``snapshots/`` list the history and are never cached, nor is a
+        retired view; answering False also drops any listing the kernel kept
+        (docs/filesystem.md, "Caching").
+        """
+        if inode in NAME_DIRS:
+            return False
+        node = self.vfs.nodes.get(inode)
+        return node is not None and node.view is not None and not node.view.retired
+
     # --------------------------------------------------------------- files
 
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
