@@ -3,8 +3,9 @@
 It only translates: inode numbers and entries to ``EntryAttributes``, listings
 to ``readdir_reply``, real file descriptors to reads, Python errors to
 ``FUSEError``. Everything in a view is immutable, so its entries, attributes
-and pages are cached by the kernel for a day; the root's names live a minute
-and are invalidated when the history changes.
+and pages are cached by the kernel for a day, and its listings for as long as
+the kernel keeps them (:meth:`FuseOps.cache_listing`); the root's names live a
+minute and are invalidated when the history changes.
 
 Request handlers never mount, unmount or reload: :meth:`FuseOps.tick`
 (housekeeping, twice a second) does, in worker threads, and publishes which
