@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -321,52 +321,51 @@ def test_a_read_held_in_its_disk_io_does_not_hold_other_requests(made: HandMade,
             assert read_back[0] == (kernel / victim.relative_to(mp / first)).read_bytes()
 
 
+def _two_days_for_patched_pyfuse3(base: Path, feature: str) -> tuple[HandMade, list[datetime]]:
+    """A seed and one night (night_times' third time left for a later commit); fails without ``feature``.
+
+    ``feature``: the marker contrib/pyfuse3's patches add to pyfuse3 (``make install`` builds it).
+    """
+    import pyfuse3._pyfuse3
+
+    assert getattr(pyfuse3._pyfuse3, feature, False), f"pyfuse3 without {feature}: run make install"
+    h = HandMade(base)
+    times = night_times(3)
+    h.make_seed(times[0])
+    h.add_night(2, times[1])
+    return h, times
+
+
 def test_the_kernel_keeps_latest_target_instead_of_asking_the_daemon(tmp_path: Path, scratch: Path) -> None:
     """A path through `latest` must not cost a readlink round trip each time: the daemon is stopped, it still resolves.
 
     Needs pyfuse3 built with contrib/pyfuse3/cache-symlinks.patch (``make install`` does it).
     """
-    import pyfuse3._pyfuse3
-
-    assert getattr(pyfuse3._pyfuse3, "symlink_caching", False), "pyfuse3 without symlink caching: run make install"
-    h = HandMade(tmp_path)
-    times = night_times(2)
-    h.make_seed(times[0])
-    h.add_night(2, times[1])
+    h, _ = _two_days_for_patched_pyfuse3(tmp_path, "symlink_caching")
     with mounted(h.root, scratch / "mp") as mp:
         assert os.readlink(mp / "latest") == "2026-11-03"
         os.stat(mp / "latest" / "home")  # every name on the way is now in the kernel's caches
-        pid = daemon_pid(mp)
-        assert pid is not None
-        answers: list[object] = []
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            probe = threading.Thread(target=lambda: answers.append((os.readlink(mp / "latest"),
-                                                                     os.stat(mp / "latest" / "home").st_ino)))
-            probe.start()
-            probe.join(10)
-            blocked = probe.is_alive()
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        probe.join(30)
-        assert not blocked, "resolving latest/ waited for the daemon: its target is not cached"
-        assert answers and answers[0] == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
+        answer = _answered_while_daemon_stopped(mp, lambda: (os.readlink(mp / "latest"),
+                                                             os.stat(mp / "latest" / "home").st_ino))
+        assert answer is not None, "resolving latest/ waited for the daemon: its target is not cached"
+        assert answer == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
 
 
-def _listed_while_daemon_stopped(mp: Path, fd: int) -> list[str] | None:
-    """List the open directory ``fd`` again (rewound) with the daemon stopped: its names, or None if it waited."""
+def _answered_while_daemon_stopped(mp: Path, probe: Callable[[], object]) -> object | None:
+    """What ``probe`` returns with the mount's daemon stopped (SIGSTOP), or None if it waited for the daemon."""
     pid = daemon_pid(mp)
     assert pid is not None
-    answers: list[list[str]] = []
+    answers: list[object] = []
     os.kill(pid, signal.SIGSTOP)
     try:
-        probe = threading.Thread(target=lambda: answers.append(sorted(os.listdir(fd))))
-        probe.start()
-        probe.join(10)
-        blocked = probe.is_alive()
+        thread = threading.Thread(target=lambda: answers.append(probe()))
+        thread.start()
+        thread.join(10)
+        blocked = thread.is_alive()
     finally:
         os.kill(pid, signal.SIGCONT)
-    probe.join(30)
+    thread.join(30)
+    assert blocked or answers, "the probe failed"
     return None if blocked else answers[0]
 
 
@@ -375,20 +374,15 @@ def test_the_kernel_keeps_day_listings_and_the_root_follows_new_backups(tmp_path
 
     Needs pyfuse3 built with contrib/pyfuse3/cache-listings.patch (``make install`` does it).
     """
-    import pyfuse3._pyfuse3
-
-    assert getattr(pyfuse3._pyfuse3, "listing_caching", False), "pyfuse3 without listing caching: run make install"
-    h = HandMade(tmp_path)
-    times = night_times(3)
-    h.make_seed(times[0])
-    h.add_night(2, times[1])
+    h, times = _two_days_for_patched_pyfuse3(tmp_path, "listing_caching")
     with mounted(h.root, scratch / "mp") as mp:
         day = mp / "2026-11-03"
         home = sorted(os.listdir(day / "home"))
         fd = os.open(day / "home", os.O_RDONLY | os.O_DIRECTORY)
         try:
             assert sorted(os.listdir(fd)) == home  # read to the end: the kernel now holds it
-            assert _listed_while_daemon_stopped(mp, fd) == home, "a day's listing was asked of the daemon again"
+            listed = _answered_while_daemon_stopped(mp, lambda: sorted(os.listdir(fd)))  # rewound, read again
+            assert listed == home, "a day's listing was asked of the daemon again"
         finally:
             os.close(fd)
         root_before = sorted(os.listdir(mp))
