@@ -21,10 +21,10 @@ system-packages:
 	  esac; \
 	fi
 
-$(VENV)/.installed: pyproject.toml contrib/pyfuse3/build.sh contrib/pyfuse3/cache-symlinks.patch
+$(VENV)/.installed: pyproject.toml contrib/pyfuse3/build.sh contrib/pyfuse3/cache-symlinks.patch contrib/pyfuse3/cache-listings.patch
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	bash contrib/pyfuse3/build.sh $(PY)  # pyfuse3 with symlink caching, before pip picks the plain one
+	bash contrib/pyfuse3/build.sh $(PY)  # pyfuse3 with symlink and listing caching, before pip picks the plain one
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

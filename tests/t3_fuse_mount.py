@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -321,36 +321,91 @@ def test_a_read_held_in_its_disk_io_does_not_hold_other_requests(made: HandMade,
             assert read_back[0] == (kernel / victim.relative_to(mp / first)).read_bytes()
 
 
+def _two_days_for_patched_pyfuse3(base: Path, feature: str) -> tuple[HandMade, list[datetime]]:
+    """A seed and one night (night_times' third time left for a later commit); fails without ``feature``.
+
+    ``feature``: the marker contrib/pyfuse3's patches add to pyfuse3 (``make install`` builds it).
+    """
+    import pyfuse3._pyfuse3
+
+    assert getattr(pyfuse3._pyfuse3, feature, False), f"pyfuse3 without {feature}: run make install"
+    h = HandMade(base)
+    times = night_times(3)
+    h.make_seed(times[0])
+    h.add_night(2, times[1])
+    return h, times
+
+
 def test_the_kernel_keeps_latest_target_instead_of_asking_the_daemon(tmp_path: Path, scratch: Path) -> None:
     """A path through `latest` must not cost a readlink round trip each time: the daemon is stopped, it still resolves.
 
     Needs pyfuse3 built with contrib/pyfuse3/cache-symlinks.patch (``make install`` does it).
     """
-    import pyfuse3._pyfuse3
-
-    assert getattr(pyfuse3._pyfuse3, "symlink_caching", False), "pyfuse3 without symlink caching: run make install"
-    h = HandMade(tmp_path)
-    times = night_times(2)
-    h.make_seed(times[0])
-    h.add_night(2, times[1])
+    h, _ = _two_days_for_patched_pyfuse3(tmp_path, "symlink_caching")
     with mounted(h.root, scratch / "mp") as mp:
         assert os.readlink(mp / "latest") == "2026-11-03"
         os.stat(mp / "latest" / "home")  # every name on the way is now in the kernel's caches
-        pid = daemon_pid(mp)
-        assert pid is not None
-        answers: list[object] = []
-        os.kill(pid, signal.SIGSTOP)
+        answer = _answered_while_daemon_stopped(mp, lambda: (os.readlink(mp / "latest"),
+                                                             os.stat(mp / "latest" / "home").st_ino))
+        assert answer is not None, "resolving latest/ waited for the daemon: its target is not cached"
+        assert answer == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
+
+
+def _answered_while_daemon_stopped(mp: Path, probe: Callable[[], object]) -> object | None:
+    """What ``probe`` returns with the mount's daemon stopped (SIGSTOP), or None if it waited for the daemon."""
+    pid = daemon_pid(mp)
+    assert pid is not None
+    answers: list[object] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread = threading.Thread(target=lambda: answers.append(probe()))
+        thread.start()
+        thread.join(10)
+        blocked = thread.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    thread.join(30)
+    assert blocked or answers, "the probe failed"
+    return None if blocked else answers[0]
+
+
+def test_the_kernel_keeps_day_listings_and_the_root_follows_new_backups(tmp_path: Path, scratch: Path) -> None:
+    """A day's listing is served from the kernel's cache; the root and snapshots/ still show a new backup.
+
+    Needs pyfuse3 built with contrib/pyfuse3/cache-listings.patch (``make install`` does it).
+    """
+    h, times = _two_days_for_patched_pyfuse3(tmp_path, "listing_caching")
+    with mounted(h.root, scratch / "mp") as mp:
+        day = mp / "2026-11-03"
+        home = sorted(os.listdir(day / "home"))
+        fd = os.open(day / "home", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            probe = threading.Thread(target=lambda: answers.append((os.readlink(mp / "latest"),
-                                                                     os.stat(mp / "latest" / "home").st_ino)))
-            probe.start()
-            probe.join(10)
-            blocked = probe.is_alive()
+            assert sorted(os.listdir(fd)) == home  # read to the end: the kernel now holds it
+            listed = _answered_while_daemon_stopped(mp, lambda: sorted(os.listdir(fd)))  # rewound, read again
+            assert listed == home, "a day's listing was asked of the daemon again"
         finally:
-            os.kill(pid, signal.SIGCONT)
-        probe.join(30)
-        assert not blocked, "resolving latest/ waited for the daemon: its target is not cached"
-        assert answers and answers[0] == ("2026-11-03", os.stat(mp / "2026-11-03" / "home").st_ino)
+            os.close(fd)
+        root_before = sorted(os.listdir(mp))
+        snapshots_before = sorted(os.listdir(mp / "snapshots"))
+        assert sorted(os.listdir(mp)) == root_before and "2026-11-04" not in root_before
+        h.add_night(4, times[2])  # a commit while the listings above are in the kernel's caches
+        new_day = times[2].strftime("%Y-%m-%d")
+        snapshot_name = times[2].strftime("%Y-%m-%dT%H:%M:%S")
+        deadline = time.monotonic() + 30
+        while new_day not in os.listdir(mp):
+            assert time.monotonic() < deadline, f"the root listing never showed {new_day}"
+            time.sleep(0.05)
+        table = ViewTable.from_history(h.history)
+        assert sorted(os.listdir(mp)) == sorted([*table.names(), "versions", "snapshots"])
+        assert os.readlink(mp / "latest") == new_day
+        assert sorted(os.listdir(mp / "snapshots")) == sorted([*snapshots_before, snapshot_name])
+        assert sorted(os.listdir(day / "home")) == home, "the cached listing of an older day changed"
+        for name in ("2026-11-03", new_day):
+            want = h.expected[name]
+            got = snapshot(os.fsencode(mp / name))
+            assert not differences(want, got), (name, differences(want, got))
+        in_snapshots = snapshot(os.fsencode(mp / "snapshots" / snapshot_name))
+        assert not differences(h.expected[new_day], in_snapshots)
 
 
 def test_a_new_commit_appears_within_two_seconds(tmp_path: Path, scratch: Path) -> None:

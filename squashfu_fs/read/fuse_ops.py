@@ -3,8 +3,9 @@
 It only translates: inode numbers and entries to ``EntryAttributes``, listings
 to ``readdir_reply``, real file descriptors to reads, Python errors to
 ``FUSEError``. Everything in a view is immutable, so its entries, attributes
-and pages are cached by the kernel for a day; the root's names live a minute
-and are invalidated when the history changes.
+and pages are cached by the kernel for a day, and its listings for as long as
+the kernel keeps them (:meth:`FuseOps.cache_listing`); the root's names live a
+minute and are invalidated when the history changes.
 
 Request handlers never mount, unmount or reload: :meth:`FuseOps.tick`
 (housekeeping, twice a second) does, in worker threads, and publishes which
@@ -392,6 +393,21 @@ class FuseOps(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+
+    def cache_listing(self, inode: int) -> bool:
+        """Whether the kernel may keep the listing of ``inode``, just opened, in its page cache.
+
+        Asked by pyfuse3 built with contrib/pyfuse3/cache-listings.patch after
+        each successful opendir (plain pyfuse3 never asks): a directory of a
+        current view never changes, so a warm walk costs no readdir. The root
+        and ``snapshots/`` list the history and are never cached, nor is a
+        retired view; answering False also drops any listing the kernel kept
+        (docs/filesystem.md, "Caching").
+        """
+        if inode in NAME_DIRS:
+            return False
+        node = self.vfs.nodes.get(inode)
+        return node is not None and node.view is not None and not node.view.retired
 
     # --------------------------------------------------------------- files
 
