@@ -69,8 +69,6 @@ def test_a_catalogue_under_a_name_that_is_not_utf8_opens(tmp_path: Path) -> None
 
 def test_a_damaged_catalogue_of_a_merged_layer_costs_a_resquash_only_a_measure(tmp_path: Path) -> None:
     """A resquash (and a seal) carry digests from catalogues; a damaged one must not fail the write it helps."""
-    from squashfu_fs.write.retention import _carried
-
     old = _layer(tmp_path, "L0", b"seed")
     db = sqlite3.connect(old)
     db.execute("UPDATE entry SET xattrs = x'000000' WHERE name = x'66'")
@@ -78,7 +76,7 @@ def test_a_damaged_catalogue_of_a_merged_layer_costs_a_resquash_only_a_measure(t
     db.close()
     known = catalog.Catalog(old)
     new = tmp_path / "new.db"
-    catalog.write(new, tmp_path / "L0", digests=True, carry=_carried([known]))
+    catalog.write(new, tmp_path / "L0", digests=True, carry=catalog.carry_from([known]))
     record = catalog.Catalog(new).get(b"f")
     assert record is not None and record.digest == catalog.content_digest(os.fsencode(tmp_path / "L0" / "f"))
 

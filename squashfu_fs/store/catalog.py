@@ -18,6 +18,7 @@ debris that recovery removes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -211,10 +212,26 @@ def _carried(carry: Carry | None, rel: bytes, record: Record) -> bytes | None:
 
 
 def _with_digest(record: Record, digest: bytes | None) -> Record:
-    if digest is None:
-        return record
-    return Record(record.mode, record.uid, record.gid, record.mtime, record.size, record.rdev, record.target,
-                  record.xattrs, digest, record.opaque)
+    return record if digest is None else dataclasses.replace(record, digest=digest)
+
+
+def carry_from(newest_first: list[Catalog], *, same_mtime: bool = True) -> Carry:
+    """File digests taken from the catalogues of the layers an image is made from (no file read twice).
+
+    A file the image shows comes from the newest of those layers that holds
+    its path (what hides it in an older one is newer still), so that layer's
+    record is the one to trust, and only when it describes the same file.
+    ``same_mtime=False`` for a sealed bin: its image may keep an mtime
+    SquashFS cannot store otherwise than modulo 2**32.
+    """
+    def carry(rel: bytes, record: Record) -> bytes | None:
+        for known in newest_first:
+            old = known.get(rel)
+            if old is not None:
+                same = (old.mode, old.size, old.uid, old.gid) == (record.mode, record.size, record.uid, record.gid)
+                return old.digest if same and (old.mtime == record.mtime or not same_mtime) else None
+        return None
+    return carry
 
 
 def _walk(top: bytes, opaque: frozenset[bytes]) -> Iterator[tuple[bytes, bytes, Record]]:

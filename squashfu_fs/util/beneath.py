@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import shutil
@@ -256,10 +257,7 @@ def walk(rootfd: int, *, keep: Callable[[bytes, os.stat_result], bool] | None = 
     ``errors`` as (path, OSError) (``REPLACED`` for a swapped directory, the
     root being ``b""``) and the walk goes on.
     """
-    def failed(rel: bytes, exc: OSError) -> None:
-        if errors is not None:
-            errors.append((rel, exc))
-
+    failed = functools.partial(_report, errors)
     pending: list[tuple[bytes, os.stat_result | None]] = [(b"", None)]
     while pending:
         rel, listed = pending.pop()
@@ -293,6 +291,12 @@ def walk(rootfd: int, *, keep: Callable[[bytes, os.stat_result], bool] | None = 
             os.close(fd)
 
 
+def _report(errors: list[tuple[bytes, OSError]] | None, rel: bytes, exc: OSError) -> None:
+    """Note what a walk could not open, list or stat, when the caller asked to know."""
+    if errors is not None:
+        errors.append((rel, exc))
+
+
 def walk_within(rootfd: int, selection: tuple[bytes, ...], *,
                 keep: Callable[[bytes, os.stat_result], bool] | None = None,
                 errors: list[tuple[bytes, OSError]] | None = None) -> Iterator[tuple[bytes, os.stat_result]]:
@@ -309,10 +313,7 @@ def walk_within(rootfd: int, selection: tuple[bytes, ...], *,
         yield from walk(rootfd, keep=keep, errors=errors)
         return
 
-    def failed(rel: bytes, exc: OSError) -> None:
-        if errors is not None:
-            errors.append((rel, exc))
-
+    failed = functools.partial(_report, errors)
     seen: set[bytes] = set()
     for top in sorted(selection):
         parts = components(top)

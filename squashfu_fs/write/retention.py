@@ -76,7 +76,7 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
                               contents=contents, started=start, progress=progress,
                               checkpoint="after-resquash-commit",
                               remaining=tuple(b for b in history.bins if b.number not in absorb),
-                              carry=None if known is None else _carried(known))
+                              carry=None if known is None else catalog.carry_from(known))
     # A mounted view must never read another day's data: give readers a moment to load the new
     # history, then leave what a live view still reads (a cwd in an absorbed day) for a later
     # writer's recovery to delete once nobody reads it.
@@ -101,24 +101,6 @@ def resquash(layout: RootLayout, history: History, config: Config, *, keep: int,
     fsync_dir(layout.bins)
     fsync_dir(layout.root)
     return history
-
-
-def _carried(newest_first: list[catalog.Catalog]) -> catalog.Carry:
-    """A new seed's file digests from the catalogues of the layers it merges (no file read twice).
-
-    A file the merge shows comes from the newest layer that holds its path
-    (what hides it in an older one is newer still), so that layer's record
-    is the one to trust, and only when it describes the same file.
-    """
-    def carry(rel: bytes, record: catalog.Record) -> bytes | None:
-        for known in newest_first:
-            old = known.get(rel)
-            if old is not None:
-                same = (old.mode, old.size, old.mtime, old.uid, old.gid) == (
-                    record.mode, record.size, record.mtime, record.uid, record.gid)
-                return old.digest if same else None
-        return None
-    return carry
 
 
 def _refuse_if_in_use(layout: RootLayout, absorb: set[int]) -> None:

@@ -101,17 +101,9 @@ def _recatalogue(layout: RootLayout, entry: Bin, image: Path) -> None:
     with catalog.opened([layout.bin_catalog(number)], [label]) as known:
         if known is None:
             return
-        (before,) = known
-
-        def carry(rel: bytes, record: catalog.Record) -> bytes | None:
-            old = before.get(rel)
-            same = old is not None and (old.mode, old.size, old.uid, old.gid) == (
-                record.mode, record.size, record.uid, record.gid)
-            return old.digest if same and old is not None else None
-
         catalog.write(layout.bin_catalog(number), image, label=label,
                       opaque_dirs=overlay.read_opaque_record(layout.opaque_record(number)), digests=True,
-                      carry=carry)
+                      carry=catalog.carry_from(known, same_mtime=False))
 
 
 def list_digests(layout: RootLayout, top: Path, number: int) -> str:
