@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml contrib/pyfuse3/build.sh contrib/pyfuse3/cach
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	bash contrib/pyfuse3/build.sh $(PY)  # pyfuse3 with symlink and listing caching, before pip picks the plain one
-	$(PY) -m pip install -q -e '.[dev]'
+	# compat: the checkout on sys.path through a .pth line. The default editable finder costs every command
+	# ~12 ms of start-up (docs/benchmarks.md, "Command start-up"); a setuptools without compat gets the default.
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat 2>/dev/null || $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 demo: install

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +87,8 @@ def _fail(ctx: click.Context, message: str, status: int) -> None:
     Under ``--json`` the line is one JSON object (docs/operations.md, "Machine-readable runs").
     """
     if ctx.params.get("debug"):
+        import traceback  # only for --debug: every command's start-up is kept short (docs/benchmarks.md)
+
         traceback.print_exc()
     if ctx.meta.get(JSON_ERRORS):
         print(json.dumps({"command": ctx.invoked_subcommand, "status": "warning" if status == 3 else "failed",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -252,3 +254,26 @@ def test_a_damaged_or_missing_catalogue_is_read_around_through_the_mounts(tree: 
         assert squashfu("-r", root, *query).stdout == expected, query
     assert (root / ".rollbacks").exists() and not list((root / ".rollbacks").iterdir())
     assert not mounts.mounts_below(root)
+
+
+# What a history query must not load: the writer's machinery (recovery, the lock, the layers' mounts, the
+# engines' subprocesses), the daemon's, and the standard library's costly modules only writers need.
+# Each costs start-up that a reader would pay on every call (docs/benchmarks.md, "Command start-up").
+WRITERS_ONLY = ("subprocess", "ctypes", "hashlib", "logging", "traceback", "trio", "pyfuse3",
+                "squashfu_fs.engines", "squashfu_fs.write", "squashfu_fs.store.recovery", "squashfu_fs.store.lock",
+                "squashfu_fs.store.layers", "squashfu_fs.store.copies", "squashfu_fs.read.rollback")
+
+
+@pytest.mark.parametrize("query", [["diff", "mon", "tue"], ["deleted"], ["versions", "docs/a.txt"]])
+def test_a_query_from_catalogues_loads_nothing_a_writer_needs(tree: tuple[Path, Path], query: list[str]) -> None:
+    src, root = tree
+    (src / "docs" / "a.txt").write_text("tuesday\n")
+    (src / "docs" / "b.txt").unlink()
+    squashfu("-r", root, "backup", now="2026-11-03T02:00")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "squashfu_fs", "-r", str(root), *query],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc
+    loaded = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "squashfu_fs.store.catalog" in loaded, "the query was not answered from the catalogues"
+    heavy = sorted(m for m in loaded if any(m == w or m.startswith(w + ".") for w in WRITERS_ONLY))
+    assert not heavy, f"squashfu {' '.join(query)} loaded {heavy}"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from squashfu_fs.errors import ExternalCommandError, MissingToolError, SquashfuError
+from squashfu_fs.errors import ExternalCommandError, MissingToolError
 
 # tool -> Debian package that provides it
 PACKAGES = {
@@ -35,12 +35,6 @@ def require(tool: str) -> str:
         package = PACKAGES.get(tool, tool)
         raise MissingToolError(f"{tool} is not installed (apt-get install {package})")
     return path
-
-
-def require_root(what: str) -> None:
-    """Kernel loop and overlay mounts need root; say so instead of failing later."""
-    if os.geteuid() != 0:
-        raise SquashfuError(f"{what} needs root (kernel loop and overlay mounts); run it with sudo")
 
 
 def run(argv: Sequence[Arg], *, what: str | None = None, cwd: Arg | None = None,

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from squashfu_fs import overlay
-from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import UsageError
-from squashfu_fs.store import catalog, layers
+from squashfu_fs.store import catalog
 from squashfu_fs.store.catalog import Record
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.views import ViewSpec, ViewTable
 from squashfu_fs.util import faults
+from squashfu_fs.util.process import require_root
 from squashfu_fs.util.say import say
 
 KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"), (stat.S_ISCHR, "char"),
@@ -66,14 +66,23 @@ class Tree(Protocol):
 
 
 class CatalogTree:
-    """A layer read from its catalogue: nothing mounted, one indexed query per name."""
+    """A layer read from its catalogue: nothing mounted, one indexed query per name.
+
+    Every state above the layer asks it the same names (``versions`` resolves
+    one path in each of 61 states), so each answer is kept for the query.
+    """
 
     def __init__(self, number: int | None, source: catalog.Catalog) -> None:
         self.number = number
         self._catalog = source
+        self._known: dict[bytes, Record | None] = {}
 
     def get(self, rel: bytes) -> Record | None:
-        return self._catalog.get(rel)
+        try:
+            return self._known[rel]
+        except KeyError:
+            found = self._known[rel] = self._catalog.get(rel)
+            return found
 
     def children(self, rel: bytes) -> list[tuple[bytes, Record]]:
         return self._catalog.children(rel)
@@ -405,6 +414,7 @@ def opened_history(root: Path, command: str, choose: Callable[[ViewTable], ViewS
     relative to the source's top.
     """
     from squashfu_fs.read.rollback import private_view  # only a root without catalogues mounts: a lighter start
+    from squashfu_fs.store import layers
 
     require_root(command)
     with opened_root(root, command, write=False) as opened:

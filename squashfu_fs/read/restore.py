@@ -15,11 +15,11 @@ import stat
 from pathlib import Path
 
 from squashfu_fs.engines import mounts, rsync
-from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import ExternalCommandError, PartialError, UsageError
 from squashfu_fs.read.rollback import mounted_view
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath
+from squashfu_fs.util.process import require_root
 
 
 def restore(root: Path, view: str, path: str | None, target: Path, *, delete: bool,

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from squashfu_fs.engines import mounts
-from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import SquashfuError
 from squashfu_fs.store import layers, rollbacks
 from squashfu_fs.store.history import History
@@ -27,7 +26,7 @@ from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.rollbacks import RollbackRecord
 from squashfu_fs.store.views import ViewSpec, ViewTable
-from squashfu_fs.util.process import identity
+from squashfu_fs.util.process import identity, require_root
 
 
 def mount_rollback(root: Path, view: str, mountpoint: Path, *, verbose: bool = False) -> ViewSpec:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import sqlite3
 import stat
@@ -86,6 +85,8 @@ def describe(path: bytes, st: os.stat_result, *, opaque: bool = False) -> Record
 
 def content_digest(path: bytes) -> bytes:
     """The SHA-256 of a regular file's bytes, opened without following a symlink."""
+    import hashlib  # only writers measure digests; a query need not load OpenSSL
+
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -257,22 +258,18 @@ class Catalog:
         self.path = path
         self._db = sqlite3.connect(f"file:{quote(os.fsencode(path))}?mode=ro&immutable=1", uri=True,
                                    check_same_thread=False)
-        try:
-            (version,) = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        except (sqlite3.Error, TypeError) as exc:
+        try:  # one statement for both facts: a query opens one catalogue per layer
+            meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('format', 'layer')"))
+            version = meta["format"]
+        except (sqlite3.Error, TypeError, ValueError, KeyError) as exc:
             self._db.close()
             raise CatalogError(f"{path.name} is not a catalogue this squashfu can read") from exc
         if version != FORMAT:
             self._db.close()
             raise CatalogError(f"{path.name} has catalogue format {version}, this squashfu reads {FORMAT}")
-        if label is not None:
-            try:
-                row = self._db.execute("SELECT value FROM meta WHERE key = 'layer'").fetchone()
-            except sqlite3.Error:
-                row = None
-            if row is None or row[0] != label:
-                self._db.close()
-                raise CatalogError(f"{path.name} describes {row[0] if row else 'no layer'!r}, not {label!r}")
+        if label is not None and meta.get("layer") != label:
+            self._db.close()
+            raise CatalogError(f"{path.name} describes {meta.get('layer', 'no layer')!r}, not {label!r}")
 
     def get(self, rel: bytes) -> Record | None:
         """The entry at ``rel`` (b"" the layer's top), or None when the layer does not hold it."""

@@ -16,16 +16,16 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from squashfu_fs.errors import UsageError
-from squashfu_fs.store import config as config_mod
-from squashfu_fs.store import copies, recovery
 from squashfu_fs.store import history as history_mod
-from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
-from squashfu_fs.store.lock import writer_lock
 from squashfu_fs.util.say import say
+
+if TYPE_CHECKING:
+    from squashfu_fs.store.config import Config
 
 
 class OpenedRoot:
@@ -42,6 +42,8 @@ class OpenedRoot:
     def config(self) -> Config:
         """The root's validated config (a reader loads it on first use)."""
         if self._config is None:
+            from squashfu_fs.store import config as config_mod
+
             self._config = config_mod.load(self.layout.root)
         return self._config
 
@@ -56,8 +58,16 @@ def opened_root(root: Path, command: str, *, write: bool,
     writer says each piece of debris recovery removed, whichever command it is.
     """
     layout = RootLayout(Path(os.path.realpath(root)))
-    config = config_mod.load(layout.root) if write or check is not None else None
-    if check is not None and config is not None:
+    if not write and check is None:
+        yield OpenedRoot(layout, _load_history(layout))
+        return
+    # A reader's queries start in tens of milliseconds (docs/benchmarks.md); only the rest pay for these.
+    from squashfu_fs.store import config as config_mod
+    from squashfu_fs.store import copies, recovery
+    from squashfu_fs.store.lock import writer_lock
+
+    config = config_mod.load(layout.root)
+    if check is not None:
         check(config)
     if not write:
         yield OpenedRoot(layout, _load_history(layout), config)

@@ -6,11 +6,8 @@ image) relies on these three; see docs/crash-safety.md.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -46,9 +43,11 @@ def fsync_dir(path: Path) -> None:
 
 def syncfs(path: Path) -> None:
     """Flush the filesystem holding ``path``: a bin is durable before history names it."""
+    import ctypes  # here, not at the top: readers never flush, and ctypes costs a query's start-up
+
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)

@@ -11,6 +11,14 @@ from __future__ import annotations
 import os
 import time
 
+from squashfu_fs.errors import SquashfuError
+
+
+def require_root(what: str) -> None:
+    """Kernel loop and overlay mounts need root; say so instead of failing later."""
+    if os.geteuid() != 0:
+        raise SquashfuError(f"{what} needs root (kernel loop and overlay mounts); run it with sudo")
+
 
 def process_start_time(pid: int) -> str | None:
     """A process's start time (field 22 of /proc/PID/stat), so a reused PID is not mistaken for it."""

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from squashfu_fs.engines import rsync
-from squashfu_fs.engines.run import require, require_root
+from squashfu_fs.engines.run import require
 from squashfu_fs.errors import (
     HookError,
     InUseError,
@@ -42,6 +42,7 @@ from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.util import beneath, clock, faults, metrics
 from squashfu_fs.util.durable import fsync_dir, syncfs
+from squashfu_fs.util.process import require_root
 from squashfu_fs.util.say import say
 from squashfu_fs.write import changes, into_bin, unionfix
 from squashfu_fs.write.excludes import Excludes

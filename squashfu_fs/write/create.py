@@ -13,7 +13,6 @@ from pathlib import Path
 
 from squashfu_fs import overlay as layerstack
 from squashfu_fs.engines import rsync
-from squashfu_fs.engines.run import require_root
 from squashfu_fs.errors import UsageError
 from squashfu_fs.store import history as history_mod
 from squashfu_fs.store import placement, privacy, recovery
@@ -21,6 +20,7 @@ from squashfu_fs.store.config import Config
 from squashfu_fs.store.history import History
 from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.util import durable
+from squashfu_fs.util.process import require_root
 from squashfu_fs.write.source import refuse_missing_sources
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from squashfu_fs.engines.run import require, require_root
+from squashfu_fs.engines.run import require
 from squashfu_fs.errors import InUseError, UsageError
 from squashfu_fs.store import catalog, layers, recovery
 from squashfu_fs.store import registry as readers
@@ -23,6 +23,7 @@ from squashfu_fs.store.layout import RootLayout
 from squashfu_fs.store.opening import opened_root
 from squashfu_fs.store.rollbacks import records
 from squashfu_fs.util.durable import fsync_dir
+from squashfu_fs.util.process import require_root
 from squashfu_fs.util.say import say
 from squashfu_fs.write.layerscan import scan_layer
 from squashfu_fs.write.seed import SeedContents, commit_seed
