@@ -21,6 +21,7 @@ import pytest
 
 from squashfu_fs import overlay
 from squashfu_fs.errors import UsageError
+from squashfu_fs.read import history_layers
 from squashfu_fs.read.file_history import touches
 from squashfu_fs.read.history_layers import (
     CatalogTree,
@@ -123,7 +124,8 @@ def test_changes_from_the_layers_equal_the_difference_of_whole_walks(tmp_path: P
 
 @pytest.mark.parametrize("catalogued", [False, True], ids=["directories", "catalogues"])
 @pytest.mark.parametrize("seed", range(40))
-def test_deletions_of_a_bin_are_what_the_state_after_it_lacks(tmp_path: Path, seed: int, catalogued: bool) -> None:
+def test_deletions_of_a_bin_are_what_the_state_after_it_lacks(tmp_path: Path, seed: int, catalogued: bool,
+                                                              catalogue_reading: str) -> None:
     states, bins = _stack(tmp_path, seed, 5, catalogued=catalogued)
     for k in range(1, 5):
         got = {c.path for c in deletions(states[k - 1], states[k], bins[k])}
@@ -140,8 +142,16 @@ def test_a_bin_that_does_not_touch_a_path_leaves_it_as_it_was(tmp_path: Path, se
             assert compare(path, states[k - 1].lookup(path), states[k].lookup(path)) is None, (seed, k, path)
 
 
+@pytest.fixture(params=["by-name", "whole"])
+def catalogue_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A catalogue asked one name at a time, or read whole at once (history_layers.CatalogTree)."""
+    monkeypatch.setattr(history_layers, "ASKED_BEFORE_WHOLE", 10**9 if request.param == "by-name" else 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_catalogues_resolve_every_state_as_the_directories_do(tmp_path: Path, seed: int) -> None:
+def test_catalogues_resolve_every_state_as_the_directories_do(tmp_path: Path, seed: int,
+                                                              catalogue_reading: str) -> None:
     """The same stack read from catalogues and from directories: the same entries, facts and merges."""
     (tmp_path / "d").mkdir()
     (tmp_path / "c").mkdir()

@@ -65,26 +65,65 @@ class Tree(Protocol):
         ...
 
 
+WHOLE_LAYER_ENTRIES = 4096  # a layer with at most this many entries is read in one statement,
+ASKED_BEFORE_WHOLE = 8  # once it has been asked this many names one by one
+
+
 class CatalogTree:
     """A layer read from its catalogue: nothing mounted, one indexed query per name.
 
     Every state above the layer asks it the same names (``versions`` resolves
-    one path in each of 61 states), so each answer is kept for the query.
+    one path in each of 61 states), so each answer is kept for the query. A
+    small layer (a night's bin) asked for many names is read whole and then
+    answers every name from memory, what it does not hold included.
     """
 
     def __init__(self, number: int | None, source: catalog.Catalog) -> None:
         self.number = number
         self._catalog = source
         self._known: dict[bytes, Record | None] = {}
+        self._whole: dict[bytes, list[tuple[bytes, Record]]] | None = None  # parent -> entries, once read whole
+        self._tried_whole = False
+        self._asked = 0  # names asked of the catalogue one by one
+
+    def _read_whole(self) -> None:
+        self._tried_whole = True
+        everything = self._catalog.everything(WHOLE_LAYER_ENTRIES)
+        if everything is None:
+            return
+        self._whole = {}
+        for parent, name, record in everything:
+            self._known[parent + b"/" + name if parent else name] = record
+            if name:
+                self._whole.setdefault(parent, []).append((name, record))
+        if b"" not in self._known:
+            raise catalog.CatalogError(f"{self._catalog.path.name} is damaged: the layer's top is not listed")
 
     def get(self, rel: bytes) -> Record | None:
         try:
             return self._known[rel]
         except KeyError:
-            found = self._known[rel] = self._catalog.get(rel)
-            return found
+            pass
+        if self._asked >= ASKED_BEFORE_WHOLE and not self._tried_whole:
+            self._read_whole()
+            if rel in self._known:
+                return self._known[rel]
+        parent, slash, _ = rel.rpartition(b"/")
+        above = self.get(parent) if slash else None
+        if self._whole is not None or (slash and (above is None or not above.is_dir)):
+            found = None  # a layer is a tree: nothing is under what it does not hold as a directory
+        else:
+            self._asked += 1
+            found = self._catalog.get(rel)
+        self._known[rel] = found
+        return found
 
     def children(self, rel: bytes) -> list[tuple[bytes, Record]]:
+        if self._asked >= ASKED_BEFORE_WHOLE and not self._tried_whole:
+            self._read_whole()
+        if self._whole is not None:
+            return sorted(self._whole.get(rel, ()), key=lambda entry: entry[0])
+        self._asked += 1
         return self._catalog.children(rel)
 
     def real_path(self, rel: bytes) -> bytes | None:
