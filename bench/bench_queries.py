@@ -131,9 +131,20 @@ def from_catalogues(root: Path, fn: Callable[[], object]) -> Callable[[], object
     return once
 
 
+# The command as a user types it: the venv's console script (``python -m`` would add runpy's imports).
+_SCRIPT = Path(sys.executable).with_name("squashfu")
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else SQUASHFU
+
+
 def startup(rounds: int) -> float:
     """The command line's own start: ``squashfu --version``."""
-    return median(lambda: run([*SQUASHFU, "--version"]), rounds)
+    return median(lambda: run([*COMMAND, "--version"]), rounds)
+
+
+def floors(rounds: int) -> dict[str, float]:
+    """What any click command costs before its own code: the interpreter, and the interpreter with click."""
+    return {"python -c pass": median(lambda: run([sys.executable, "-c", "pass"]), rounds),
+            "python -c 'import click'": median(lambda: run([sys.executable, "-c", "import click"]), rounds)}
 
 
 def tree_phase(base: Path, files: int, args: argparse.Namespace) -> dict[str, float]:
@@ -158,7 +169,7 @@ def tree_phase(base: Path, files: int, args: argparse.Namespace) -> dict[str, fl
     out: dict[str, float] = {}
     found = diff_layers(root, a, b, as_json=False)
     out["changes listed"] = len(found.splitlines())
-    out["diff (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "diff", a, b])),
+    out["diff (command)"] = median(from_catalogues(root, lambda: run([*COMMAND, "-r", str(root), "diff", a, b])),
                                    args.rounds)
     out["diff (in-process)"] = median(from_catalogues(root, lambda: diff_layers(root, a, b, as_json=False)),
                                       args.rounds)
@@ -166,7 +177,7 @@ def tree_phase(base: Path, files: int, args: argparse.Namespace) -> dict[str, fl
                                                                                             as_json=False)),
                                                args.rounds)
     out["opening the layers (mounts)"] = opening(root, args.rounds)
-    out["deleted (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "deleted"])),
+    out["deleted (command)"] = median(from_catalogues(root, lambda: run([*COMMAND, "-r", str(root), "deleted"])),
                                       args.rounds)
     out["deleted (in-process)"] = median(from_catalogues(root, lambda: deleted_paths(root, None, as_json=False)),
                                          args.rounds)
@@ -209,7 +220,7 @@ def versions_phase(base: Path, args: argparse.Namespace) -> dict[str, float]:
     rel = str(watched.relative_to(src))
     out: dict[str, float] = {"states": layers,
                              "versions listed": len(versions_of(root, rel, as_json=False).splitlines())}
-    out["versions (command)"] = median(from_catalogues(root, lambda: run([*SQUASHFU, "-r", str(root), "versions",
+    out["versions (command)"] = median(from_catalogues(root, lambda: run([*COMMAND, "-r", str(root), "versions",
                                                                           rel])), args.rounds)
     out["versions (in-process)"] = median(from_catalogues(root, lambda: versions_of(root, rel, as_json=False)),
                                           args.rounds)
@@ -217,6 +228,7 @@ def versions_phase(base: Path, args: argparse.Namespace) -> dict[str, float]:
         root, rel, as_json=False)), args.rounds)
     out["opening the layers (mounts)"] = opening(root, args.rounds)
     out["command start (--version)"] = startup(args.rounds)
+    out.update(floors(args.rounds))
     return out
 
 
