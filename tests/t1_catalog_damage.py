@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from squashfu_fs.read import history_layers
 from squashfu_fs.read.history_layers import CatalogTree, State
 from squashfu_fs.read.layerdiff import changes
 from squashfu_fs.store import catalog
@@ -40,8 +41,15 @@ def _layer(tmp_path: Path, name: str, data: bytes) -> Path:
     return db
 
 
+@pytest.fixture(params=["by-name", "whole"])
+def catalogue_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A catalogue asked one name at a time, or read whole at once (history_layers.CatalogTree)."""
+    monkeypatch.setattr(history_layers, "ASKED_BEFORE_WHOLE", 10**9 if request.param == "by-name" else 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("sql", DAMAGE.values(), ids=DAMAGE.keys())
-def test_a_damaged_row_is_a_catalogue_error(tmp_path: Path, sql: str) -> None:
+def test_a_damaged_row_is_a_catalogue_error(tmp_path: Path, sql: str, catalogue_reading: str) -> None:
     seed, top = _layer(tmp_path, "L0", b"seed"), _layer(tmp_path, "L1", b"newer!")
     db = sqlite3.connect(top)
     db.execute(sql)
@@ -93,3 +101,40 @@ def test_a_catalogue_is_opened_only_as_the_layer_it_names(tmp_path: Path) -> Non
         with pytest.raises(catalog.CatalogError):
             catalog.Catalog(db, other)
     assert catalog.open_all([db], [catalog.bin_label(3, "2026-11-05T02:00:00")]) is None
+
+
+def _states(seed: Path, top: Path) -> tuple[State, State, list[CatalogTree]]:
+    trees = [CatalogTree(None, catalog.Catalog(seed)), CatalogTree(1, catalog.Catalog(top))]
+    before = State(ViewSpec("0", (), datetime(2026, 11, 2)), "0", [trees[0]])
+    after = State(ViewSpec("1", (1,), datetime(2026, 11, 3)), "1", [trees[1], trees[0]])
+    return before, after, trees
+
+
+def test_a_layer_read_whole_must_hold_the_entries_it_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost row looks like an absent name to a query by name; read whole, the count gives it away."""
+    monkeypatch.setattr(history_layers, "ASKED_BEFORE_WHOLE", 0)
+    seed, top = _layer(tmp_path, "L0", b"seed"), _layer(tmp_path, "L1", b"newer!")
+    db = sqlite3.connect(top)
+    db.execute("DELETE FROM entry WHERE name = x'67'")
+    db.commit()
+    db.close()
+    with pytest.raises(catalog.CatalogError, match="entries where it records"):
+        _, after, _ = _states(seed, top)
+        after.lookup(b"d/g")
+
+
+def test_a_catalogue_that_records_no_count_is_asked_name_by_name(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catalogues written before ``entries`` was recorded answer as they did: never read whole."""
+    monkeypatch.setattr(history_layers, "ASKED_BEFORE_WHOLE", 0)
+    seed, top = _layer(tmp_path, "L0", b"seed"), _layer(tmp_path, "L1", b"newer!")
+    for path in (seed, top):
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM meta WHERE key = 'entries'")
+        db.commit()
+        db.close()
+    before, after, trees = _states(seed, top)
+    assert all(t._catalog.entries is None and t._catalog.everything(4096) is None for t in trees)
+    found = after.lookup(b"d/g")
+    assert found is not None and found.record.size == len(b"newer!")
+    assert {c.path: c.change for c in changes(before, after, [trees[1]])} == {b"f": "modified", b"d/g": "modified"}

@@ -188,6 +188,7 @@ def write(dest: Path, top: Path, *, label: str = "", opaque_dirs: tuple[bytes, .
                 db.executemany("INSERT INTO entry VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 rows.clear()
         db.executemany("INSERT INTO entry VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        db.execute("INSERT INTO meta VALUES ('entries', ?)", (count,))  # lets a reader read a small layer whole
         db.execute("COMMIT")
     finally:
         db.close()
@@ -259,7 +260,7 @@ class Catalog:
         self._db = sqlite3.connect(f"file:{quote(os.fsencode(path))}?mode=ro&immutable=1", uri=True,
                                    check_same_thread=False)
         try:  # one statement for both facts: a query opens one catalogue per layer
-            meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('format', 'layer')"))
+            meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('format', 'layer', 'entries')"))
             version = meta["format"]
         except (sqlite3.Error, TypeError, ValueError, KeyError) as exc:
             self._db.close()
@@ -270,6 +271,8 @@ class Catalog:
         if label is not None and meta.get("layer") != label:
             self._db.close()
             raise CatalogError(f"{path.name} describes {meta.get('layer', 'no layer')!r}, not {label!r}")
+        entries = meta.get("entries")  # None in a catalogue written before it was recorded: read by name
+        self.entries: int | None = entries if type(entries) is int else None
 
     def get(self, rel: bytes) -> Record | None:
         """The entry at ``rel`` (b"" the layer's top), or None when the layer does not hold it."""
@@ -284,17 +287,19 @@ class Catalog:
             raise CatalogError(f"{self.path.name} is damaged: {exc}") from exc
 
     def everything(self, limit: int) -> list[tuple[bytes, bytes, Record]] | None:
-        """Every entry as (parent, name, record) in one statement, or None when the layer holds more than ``limit``.
+        """Every entry as (parent, name, record) in one statement, or None when the layer holds more than ``limit``
+        (or its catalogue does not record how many it holds).
 
         A night's bin holds a few dozen entries: reading it whole costs less
         than one indexed query per name a state asks it.
         """
+        if self.entries is None or self.entries > limit:
+            return None
         try:
-            (count,) = self._db.execute("SELECT count(*) FROM (SELECT 1 FROM entry LIMIT ?)", (limit + 1,)).fetchone()
-            if count > limit:
-                return None
             out = [(row[0], row[1], _row(row[2:])) for row in self._db.execute(f"SELECT parent, name, {_COLUMNS} "
-                                                                               "FROM entry")]
+                                                                               f"FROM entry LIMIT {limit + 1}")]
+            if len(out) != self.entries:
+                raise ValueError(f"{len(out)} entries where it records {self.entries}")
             if not all(type(p) is bytes and (p == n == b"" or _name(n)) for p, n, _ in out):
                 raise ValueError("a row of the wrong types")
             return out
