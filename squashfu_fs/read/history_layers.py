@@ -66,7 +66,7 @@ class Tree(Protocol):
 
 
 WHOLE_LAYER_ENTRIES = 4096  # a layer with at most this many entries is read in one statement,
-ASKED_BEFORE_WHOLE = 8  # once it has been asked this many names one by one
+ASKED_BEFORE_WHOLE = 32  # once it has been asked this many names one by one (measured: docs/benchmarks.md)
 
 
 class CatalogTree:

@@ -124,8 +124,8 @@ def _row(row: tuple[Any, ...]) -> Record:
     type, which must end in the layers' mounts, not in a traceback.
     """
     mode, uid, gid, mtime, size, rdev, target, xattrs, digest, opaque = row
-    numbers = (mode, uid, gid, mtime, size, rdev, opaque)
-    if not (all(type(n) is int for n in numbers) and type(target) is bytes and type(xattrs) is bytes
+    if not (type(mode) is type(uid) is type(gid) is type(mtime) is type(size) is type(rdev) is type(opaque) is int
+            and type(target) is bytes and type(xattrs) is bytes
             and (digest is None or (type(digest) is bytes and len(digest) == 32))):
         raise ValueError("a row of the wrong types")
     return Record(mode, uid, gid, mtime, size, rdev, target, _unpack(xattrs) if xattrs else (), digest, bool(opaque))
