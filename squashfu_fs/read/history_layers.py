@@ -86,7 +86,10 @@ class CatalogTree:
         self._tried_whole = False
         self._asked = 0  # names asked of the catalogue one by one
 
-    def _read_whole(self) -> None:
+    def _read_whole_if_due(self) -> None:
+        """Read the layer whole once it has been asked enough names one by one (and only ever try once)."""
+        if self._tried_whole or self._asked < ASKED_BEFORE_WHOLE:
+            return
         self._tried_whole = True
         everything = self._catalog.everything(WHOLE_LAYER_ENTRIES)
         if everything is None:
@@ -104,10 +107,9 @@ class CatalogTree:
             return self._known[rel]
         except KeyError:
             pass
-        if self._asked >= ASKED_BEFORE_WHOLE and not self._tried_whole:
-            self._read_whole()
-            if rel in self._known:
-                return self._known[rel]
+        self._read_whole_if_due()
+        if rel in self._known:
+            return self._known[rel]
         parent, slash, _ = rel.rpartition(b"/")
         above = self.get(parent) if slash else None
         if self._whole is not None or (slash and (above is None or not above.is_dir)):
@@ -119,8 +121,7 @@ class CatalogTree:
         return found
 
     def children(self, rel: bytes) -> list[tuple[bytes, Record]]:
-        if self._asked >= ASKED_BEFORE_WHOLE and not self._tried_whole:
-            self._read_whole()
+        self._read_whole_if_due()
         if self._whole is not None:
             return sorted(self._whole.get(rel, ()), key=lambda entry: entry[0])
         self._asked += 1
@@ -418,13 +419,11 @@ def answer(root: Path, command: str, choose: Callable[[ViewTable], ViewSpec], qu
         paths = [layout.seed_catalog(history.seed.generation) if n is None else layout.bin_catalog(n)
                  for n in wanted]
         labels = [catalog.label_of(history.seed if n is None else history.bin(n)) for n in wanted]
-        if not all(p.is_file() for p in paths):
-            if seen == history.generation:
-                break  # a root of older code (or a copy): read through the mounts
-            seen = history.generation  # or a resquash deleted it meanwhile: read history again
-            continue
         with catalog.opened(paths, labels) as opened_catalogs:
-            if opened_catalogs is None:
+            if opened_catalogs is None:  # missing, damaged or another layer's
+                if seen == history.generation:
+                    break  # so under this history too: a root of older code (or a copy), read through the mounts
+                seen = history.generation  # or a resquash deleted one meanwhile: read history again
                 continue
             trees: dict[int | None, Tree] = {n: CatalogTree(n, c) for n, c in zip(wanted, opened_catalogs,
                                                                                   strict=True)}

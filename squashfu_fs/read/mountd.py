@@ -181,14 +181,12 @@ class _Cachestat(ctypes.Structure):
                 ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def _all_cached(fd: int, start: int, length: int) -> bool:
     """Whether every page of ``fd``'s range is in the page cache; False where cachestat(2) is missing."""
     result = _Cachestat()
-    call = _libc.syscall(ctypes.c_long(_CACHESTAT), ctypes.c_long(fd), ctypes.byref(_CachestatRange(start, length)),
-                         ctypes.byref(result), ctypes.c_long(0))
+    call = beneath.libc.syscall(ctypes.c_long(_CACHESTAT), ctypes.c_long(fd),
+                                ctypes.byref(_CachestatRange(start, length)), ctypes.byref(result), ctypes.c_long(0))
     if call != 0:
         return False
     pages = (start + length - 1) // _PAGE - start // _PAGE + 1

@@ -42,7 +42,7 @@ CREATE TABLE entry (
     PRIMARY KEY (parent, name)) WITHOUT ROWID;
 """
 _COLUMNS = "mode, uid, gid, mtime, size, rdev, target, xattrs, digest, opaque"
-_CHUNK = 1 << 20
+_INSERT = "INSERT INTO entry VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 Xattrs = tuple[tuple[bytes, bytes], ...]
 
@@ -185,9 +185,9 @@ def write(dest: Path, top: Path, *, label: str = "", opaque_dirs: tuple[bytes, .
                          record.target, _pack(record.xattrs), record.digest, int(record.opaque)))
             count += 1
             if len(rows) >= 10_000:
-                db.executemany("INSERT INTO entry VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                db.executemany(_INSERT, rows)
                 rows.clear()
-        db.executemany("INSERT INTO entry VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        db.executemany(_INSERT, rows)
         db.execute("INSERT INTO meta VALUES ('entries', ?)", (count,))  # lets a reader read a small layer whole
         db.execute("COMMIT")
     finally:

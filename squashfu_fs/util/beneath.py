@@ -37,13 +37,13 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # the C library, for the system calls Python does not wrap
 _have_openat2 = True
 
 
 def _openat2(dirfd: int, rel: bytes, flags: int, mode: int) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, mode, STRICT)
-    fd = _libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(rel), ctypes.byref(how),
+    fd = libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(rel), ctypes.byref(how),
                        ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
         code = ctypes.get_errno()

@@ -43,11 +43,11 @@ def fsync_dir(path: Path) -> None:
 
 def syncfs(path: Path) -> None:
     """Flush the filesystem holding ``path``: a bin is durable before history names it."""
-    import ctypes  # here, not at the top: readers never flush, and ctypes costs a query's start-up
+    from squashfu_fs.util.beneath import libc  # here, not at the top: readers never flush, nor load ctypes
 
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+        if libc.syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
